@@ -1,0 +1,71 @@
+"""CapsNet: the smallNORB architecture of the paper, ReLUConv -> PrimaryCaps -> ConvCaps1 -> ConvCaps2 -> ClassCaps.
+
+Sizes for a 32x32 input:  32 -(5x5 s2)-> 14 -(1x1)-> 14 -(3x3 s2)-> 6 -(3x3 s1)-> 4 -> classes.
+For a 28x28 input:        28 -> 12 -> 12 -> 5 -> 3 -> classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from capsdist.model.layers import ClassCaps, ConvCaps, PrimaryCaps, ReLUConv, RoutingOptions
+
+# A: ReLUConv channels, B: primary capsule types, C and D: ConvCaps1 and ConvCaps2 types.
+PRESETS: dict[str, dict[str, int]] = {
+    "full": {"A": 32, "B": 32, "C": 32, "D": 32},  # the paper's 310K-parameter model
+    "small": {"A": 64, "B": 8, "C": 16, "D": 16},  # the paper's 68K-parameter model
+}
+
+
+class CapsNet(nn.Module):
+    """Matrix capsule network with EM routing.
+
+    forward(images (N, C, H, W)) -> class activations (N, classes) in (0, 1);
+    with return_poses=True also class poses (N, classes, 16).
+    """
+
+    def __init__(self, *, A: int, B: int, C: int, D: int, num_classes: int, in_channels: int = 1,
+                 input_size: int = 32, iterations: int = 3, coord_add: bool = True, alpha: float = 0.0,
+                 final_lambda: float = 0.01, routing_checkpoint: bool = False):
+        super().__init__()
+        routing = RoutingOptions(iterations, final_lambda, alpha, checkpoint=routing_checkpoint)
+        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
+        self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2)
+        self.primary_caps = PrimaryCaps(A, B)
+        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing)
+        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing)
+        self.class_caps = ClassCaps(D, num_classes, routing=routing, coord_add=coord_add)
+        # Receptive-field centre of a position j in input pixels is a * j + b; start from pixel centres.
+        a, b, size = 1.0, 0.5, input_size
+        for layer in (self.relu_conv, self.primary_caps, self.conv_caps1, self.conv_caps2):
+            a, b = a * layer.stride, a * (layer.kernel - 1) / 2 + b
+            size = (size - layer.kernel) // layer.stride + 1
+            if size < 1:
+                raise ValueError(f"input size {input_size} is too small for CapsNet: use at least 28x28")
+        self.class_caps.set_geometry((a, b), input_size)
+
+    @classmethod
+    def from_preset(cls, preset: str, **kwargs) -> "CapsNet":
+        """Build a named preset ("full" or "small"); kwargs as for __init__ (num_classes required)."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown model preset {preset!r}: choose one of {sorted(PRESETS)}")
+        return cls(**PRESETS[preset], **kwargs)
+
+    def routing_layers(self) -> dict[str, nn.Module]:
+        return {"convcaps1": self.conv_caps1, "convcaps2": self.conv_caps2, "classcaps": self.class_caps}
+
+    def routing_stats(self) -> dict[str, dict[str, float]]:
+        """Per routing layer, from the last forward: mean parent activation and mean assignment entropy (nats)."""
+        return {name: {key: float(value) for key, value in layer.last_stats.items()}
+                for name, layer in self.routing_layers().items() if layer.last_stats}
+
+    def forward(self, images: torch.Tensor, return_poses: bool = False):
+        if images.dim() != 4 or images.shape[1] != self.in_channels:
+            raise ValueError(f"CapsNet expects images (N, {self.in_channels}, H, W), got {tuple(images.shape)}")
+        x = self.relu_conv(images)  # (N, A, H1, W1)
+        poses, acts = self.primary_caps(x)  # (N, B, 16, H1, W1), (N, B, H1, W1)
+        poses, acts = self.conv_caps1(poses, acts)  # (N, C, 16, H2, W2), (N, C, H2, W2)
+        poses, acts = self.conv_caps2(poses, acts)  # (N, D, 16, H3, W3), (N, D, H3, W3)
+        class_poses, class_acts = self.class_caps(poses, acts)  # (N, K, 16), (N, K)
+        return (class_acts, class_poses) if return_poses else class_acts

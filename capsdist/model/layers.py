@@ -1,0 +1,262 @@
+"""Capsule layers: ReLUConv -> PrimaryCaps -> ConvCaps (repeatable) -> ClassCaps.
+
+Capsule layout, everywhere in capsdist:
+    poses        (N, T, 16, H, W)   T capsule types, a 4x4 pose matrix flattened row-major, channels first
+    activations  (N, T, H, W)
+Routing sees votes in its internal layout (N', O, I, 16) and child activations (N', I), where
+N' = N * parent positions and I = children per routing problem (see routing.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from capsdist.model.routing import P, RoutingResult, normalise_over_parents, route
+
+WEIGHT_STD = 0.5  # 4x4 transforms: a vote entry sums 4 products, so std 1/sqrt(4) keeps pose scale
+
+
+class RoutingOptions(nn.Module):
+    """Routing settings shared by the capsule layers (a Module only so it prints with the model)."""
+
+    def __init__(self, iterations: int = 3, final_lambda: float = 0.01, alpha: float = 0.0,
+                 variance_floor: float = 1e-4, checkpoint: bool = False):
+        super().__init__()
+        if iterations < 1:
+            raise ValueError(f"routing iterations must be >= 1, got {iterations}")
+        self.iterations = iterations
+        self.final_lambda = final_lambda
+        self.alpha = alpha
+        self.variance_floor = variance_floor
+        self.checkpoint = checkpoint
+
+    def extra_repr(self) -> str:
+        return (f"iterations={self.iterations}, final_lambda={self.final_lambda}, alpha={self.alpha}, "
+                f"variance_floor={self.variance_floor}, checkpoint={self.checkpoint}")
+
+
+class CapsuleLayer(nn.Module):
+    """Base of the routing layers: owns beta_u, beta_a (O,), runs routing, keeps cheap routing statistics."""
+
+    def __init__(self, out_types: int, routing: RoutingOptions):
+        super().__init__()
+        self.out_types = out_types
+        self.routing = routing
+        self.beta_u = nn.Parameter(torch.zeros(out_types))
+        self.beta_a = nn.Parameter(torch.zeros(out_types))
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    def _route(self, V: torch.Tensor, a_in: torch.Tensor, log_R0: torch.Tensor, normalise) -> RoutingResult:
+        """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult, optionally recomputed in backward."""
+        opts = self.routing
+
+        def run(V, a_in, beta_u, beta_a):
+            return route(V, a_in, beta_u, beta_a, log_R0, normalise, iterations=opts.iterations,
+                         final_lambda=opts.final_lambda, alpha=opts.alpha, variance_floor=opts.variance_floor)
+
+        if opts.checkpoint and torch.is_grad_enabled():
+            return checkpoint(run, V, a_in, self.beta_u, self.beta_a, use_reentrant=False)
+        return run(V, a_in, self.beta_u, self.beta_a)
+
+    def _record(self, a_out: torch.Tensor, entropy_per_child: torch.Tensor) -> None:
+        """Keep detached statistics of the last forward: mean parent activation and assignment entropy."""
+        self.last_stats = {"mean_activation": a_out.detach().mean(),
+                           "assignment_entropy": entropy_per_child.detach().mean()}
+
+
+class ReLUConv(nn.Module):
+    """First layer: a plain convolution with ReLU. (N, C, H, W) -> (N, A, H', W')."""
+
+    def __init__(self, in_channels: int, channels: int, kernel: int = 5, stride: int = 2):
+        super().__init__()
+        self.kernel, self.stride = kernel, stride
+        self.conv = nn.Conv2d(in_channels, channels, kernel, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(x))
+
+
+class PrimaryCaps(nn.Module):
+    """1x1 convolution to B capsule types: a 4x4 pose and a logistic activation each.
+
+    (N, A, H, W) -> poses (N, B, 16, H, W), activations (N, B, H, W).
+    """
+
+    kernel, stride = 1, 1
+
+    def __init__(self, in_channels: int, types: int):
+        super().__init__()
+        self.types = types
+        self.pose = nn.Conv2d(in_channels, types * P, 1)
+        self.activation = nn.Conv2d(in_channels, types, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, _, h, w = x.shape
+        poses = self.pose(x).view(n, self.types, P, h, w)  # (N, B, 16, H, W)
+        return poses, torch.sigmoid(self.activation(x))  # (N, B, H, W)
+
+
+def _grid_slices(kernel: int, stride: int, out: int) -> list[slice]:
+    """For each kernel offset k, the strided slice of child positions k, k + s, ..., k + s (out - 1)."""
+    return [slice(k, k + stride * (out - 1) + 1, stride) for k in range(kernel)]
+
+
+class ConvCaps(CapsuleLayer):
+    """Convolutional capsules: routing over K x K windows with a stride, one learned 4x4 transform per
+    (kernel position, input type, output type).
+
+    poses (N, T, 16, H, W), activations (N, T, H, W) -> poses (N, O, 16, H', W'), activations (N, O, H', W'),
+    H' = (H - K) // stride + 1. Each parent position is a routing problem with I = K * K * T children.
+    Gritzman's fix 1: a child sits in several windows; the E-step normalises its assignments over every
+    parent of every window that holds it (a fold of the per-window sums back onto the child grid), and the
+    initial assignments are uniform over that whole set.
+    """
+
+    def __init__(self, in_types: int, out_types: int, kernel: int, stride: int, routing: RoutingOptions):
+        super().__init__(out_types, routing)
+        self.in_types, self.kernel, self.stride = in_types, kernel, stride
+        self.weight = nn.Parameter(torch.randn(kernel * kernel, in_types, out_types, 4, 4) * WEIGHT_STD)
+
+    def output_size(self, size: int) -> int:
+        return (size - self.kernel) // self.stride + 1
+
+    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, K*K, L): the K x K windows of each of the L parent positions."""
+        n, c = x.shape[:2]
+        return F.unfold(x, self.kernel, stride=self.stride).view(n, c, self.kernel * self.kernel, -1)
+
+    def _fold(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(N, C, K*K, L) -> (N, C, H, W): sum each window entry back onto its child position."""
+        n, c = x.shape[:2]
+        return F.fold(x.reshape(n, c * self.kernel * self.kernel, -1), size, self.kernel, stride=self.stride)
+
+    def _fold_max(self, x: torch.Tensor, size: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
+        """(N, C, K*K, L) -> (N, C, H, W): max over the window entries of each child (-inf where none)."""
+        n, c = x.shape[:2]
+        k = self.kernel
+        x = x.view(n, c, k, k, out[0], out[1])
+        grid = x.new_full((n, c, size[0], size[1]), -math.inf)
+        rows, cols = _grid_slices(k, self.stride, out[0]), _grid_slices(k, self.stride, out[1])
+        for kh in range(k):
+            for kw in range(k):
+                view = grid[:, :, rows[kh], cols[kw]]
+                grid[:, :, rows[kh], cols[kw]] = torch.maximum(view, x[:, :, kh, kw])
+        return grid
+
+    def _to_routing(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, K*K, L) -> (N * L, K*K * T): per parent position, children ordered (kernel position, type)."""
+        n, t, kk, l = x.shape
+        return x.permute(0, 3, 2, 1).reshape(n * l, kk * t)
+
+    def _from_routing(self, x: torch.Tensor, n: int, o: int) -> torch.Tensor:
+        """(N * L, O, K*K * T) -> (N, T, K*K, L) with O summed out (used for per-child sums over parents)."""
+        nl = x.shape[0]
+        kk = self.kernel * self.kernel
+        return x.sum(1).view(n, nl // n, kk, -1).permute(0, 3, 2, 1)
+
+    def votes(self, poses: torch.Tensor) -> torch.Tensor:
+        """poses (N, T, 16, H, W) -> votes (N * L, O, K*K * T, 16), one batched matmul over (k, t)."""
+        n, t = poses.shape[:2]
+        kk, o = self.kernel * self.kernel, self.out_types
+        cols = self._unfold(poses.reshape(n, t * P, *poses.shape[-2:]))  # (N, T*16, K*K, L)
+        l = cols.shape[-1]
+        M = cols.view(n, t, 4, 4, kk, l).permute(4, 1, 0, 5, 2, 3).reshape(kk * t, n * l * 4, 4)  # (KK*T, N*L*4, 4)
+        W = self.weight.permute(0, 1, 3, 2, 4).reshape(kk * t, 4, o * 4)  # (KK*T, 4, O*4)
+        V = torch.bmm(M, W.to(M.dtype))  # (KK*T, N*L*4, O*4)
+        V = V.view(kk, t, n * l, 4, o, 4).permute(2, 4, 0, 1, 3, 5)  # (N*L, O, KK, T, 4, 4)
+        return V.reshape(n * l, o, kk * t, P)
+
+    def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, t, _, h, w = poses.shape
+        o, kk = self.out_types, self.kernel * self.kernel
+        out = (self.output_size(h), self.output_size(w))
+        if min(out) < 1:
+            raise ValueError(f"ConvCaps with kernel {self.kernel} needs an input of at least {self.kernel}x"
+                             f"{self.kernel}, got {h}x{w}: use a larger input size or fewer layers")
+        V = self.votes(poses)  # (N', O, I, P)
+        a_in = self._to_routing(self._unfold(activations))  # (N', I)
+        fan_in = self._fold(torch.ones_like(self._unfold(activations[:1, :1])), (h, w))  # (1, 1, H, W) windows per child
+        uniform = self._unfold(-torch.log(fan_in.clamp_min(1.0) * o)).expand(n, t, -1, -1)  # (N, T, KK, L)
+        log_R0 = self._to_routing(uniform).unsqueeze(1).expand(-1, o, -1)  # (N', O, I): 1 / (O * windows)
+
+        def normalise(log_p: torch.Tensor) -> torch.Tensor:
+            """Fix 1: log_p (N', O, I) -> log R, normalised over all parents at all positions of each child."""
+            per_window = torch.logsumexp(log_p, dim=1, keepdim=True)  # (N', 1, I)
+            windows = self._from_routing(per_window, n, 1)  # (N, T, KK, L)
+            with torch.no_grad():
+                m = self._fold_max(windows, (h, w), out)  # (N, T, H, W) stabiliser
+                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+            s = self._fold(torch.exp(windows - self._unfold(m)), (h, w))  # (N, T, H, W), >= 1 where covered
+            log_z = torch.log(torch.where(s > 0, s, torch.ones_like(s))) + m
+            return log_p - self._to_routing(self._unfold(log_z)).unsqueeze(1)
+
+        result = self._route(V, a_in, log_R0, normalise)
+        with torch.no_grad():
+            R = result.log_R.exp()
+            ent = self._fold(self._from_routing(-(R * result.log_R), n, o), (h, w))  # (N, T, H, W) per child
+            covered = (fan_in > 0).to(ent.dtype)  # (1, 1, H, W)
+            self._record(result.a_out, (ent * covered).sum() / (covered.sum() * n * t))
+        poses_out = result.poses.view(n, out[0], out[1], o, P).permute(0, 3, 4, 1, 2)  # (N, O, 16, H', W')
+        a_out = result.a_out.view(n, out[0], out[1], o).permute(0, 3, 1, 2)  # (N, O, H', W')
+        return poses_out.contiguous(), a_out.contiguous()
+
+
+class ClassCaps(CapsuleLayer):
+    """Class capsules: one 4x4 transform per (input type, class), shared across positions, routing from every
+    child at every position to the classes, with scaled coordinate addition.
+
+    poses (N, T, 16, H, W), activations (N, T, H, W) -> class poses (N, O, 16), class activations (N, O).
+    Coordinate addition: the scaled (row, column) of each child's receptive-field centre in the input image
+    is added to the first two entries of the vote's last column (flat pose entries 3 and 7).
+    `centre(pos)` maps a child position index to its receptive-field centre in input pixels; `input_size`
+    scales it to [0, 1].
+    """
+
+    def __init__(self, in_types: int, classes: int, routing: RoutingOptions, coord_add: bool = True):
+        super().__init__(classes, routing)
+        self.in_types, self.coord_add = in_types, coord_add
+        self.weight = nn.Parameter(torch.randn(in_types, classes, 4, 4) * WEIGHT_STD)
+        self.centre_scale = (1.0, 0.5)  # receptive-field centre = scale * index + offset, in input pixels
+        self.input_size = 1
+
+    def set_geometry(self, centre_scale: tuple[float, float], input_size: int) -> None:
+        """Called by CapsNet: the receptive-field centre of child position j is a * j + b input pixels."""
+        self.centre_scale, self.input_size = centre_scale, input_size
+
+    def coordinates(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """(H * W, 16) offsets: scaled row at entry 3, scaled column at entry 7, zero elsewhere."""
+        a, b = self.centre_scale
+        rows = (a * torch.arange(h, device=device, dtype=torch.float32) + b) / self.input_size
+        cols = (a * torch.arange(w, device=device, dtype=torch.float32) + b) / self.input_size
+        offsets = torch.zeros(h, w, P, device=device)
+        offsets[:, :, 3] = rows[:, None]
+        offsets[:, :, 7] = cols[None, :]
+        return offsets.view(h * w, P)
+
+    def votes(self, poses: torch.Tensor) -> torch.Tensor:
+        """poses (N, T, 16, H, W) -> votes (N, O, H*W*T, 16), children ordered (row, column, type)."""
+        n, t, _, h, w = poses.shape
+        o = self.out_types
+        M = poses.view(n, t, 4, 4, h, w).permute(1, 0, 4, 5, 2, 3).reshape(t, n * h * w * 4, 4)  # (T, N*H*W*4, 4)
+        W = self.weight.permute(0, 2, 1, 3).reshape(t, 4, o * 4)  # (T, 4, O*4)
+        V = torch.bmm(M, W.to(M.dtype)).view(t, n, h * w, 4, o, 4)  # (T, N, HW, 4, O, 4)
+        V = V.permute(1, 4, 2, 0, 3, 5).reshape(n, o, h * w, t, P)  # (N, O, HW, T, 16)
+        if self.coord_add:
+            V = V + self.coordinates(h, w, poses.device).to(V.dtype).view(1, 1, h * w, 1, P)
+        return V.reshape(n, o, h * w * t, P)
+
+    def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, t, _, h, w = poses.shape
+        o = self.out_types
+        V = self.votes(poses)  # (N, O, I, P)
+        a_in = activations.permute(0, 2, 3, 1).reshape(n, h * w * t)  # (N, I), ordered (row, column, type)
+        log_R0 = V.new_full((n, o, h * w * t), -math.log(o), dtype=torch.float32)
+        result = self._route(V, a_in, log_R0, normalise_over_parents)
+        with torch.no_grad():
+            self._record(result.a_out, -(result.log_R.exp() * result.log_R).sum(1))
+        return result.poses, result.a_out

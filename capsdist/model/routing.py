@@ -1,0 +1,165 @@
+"""EM routing (Hinton, Sabour, Frosst, "Matrix capsules with EM routing", ICLR 2018, Procedure 1).
+
+Index letters (the paper's notation):
+    n   routing problem: one image, or one image at one parent position in a conv layer (N' of them)
+    i   child capsule, I of them (in a conv layer: K*K kernel positions x input types)
+    j   parent capsule, O of them (output types)
+    h   pose entry, P = 16 (a 4x4 pose matrix, flattened row-major)
+
+Tensors, all float32 inside routing (autocast is disabled here; see `em_routing`):
+    V          votes                       (N', O, I, P)   the internal layout: parents before children,
+                                                          so each M-step and E-step sum is one batched matmul
+    a_in       child activations           (N', I)
+    R          assignment probabilities    (N', O, I)      each child's R sums to 1 over every parent it feeds
+    mu         parent means (poses)        (N', O, P)
+    sigma_sq   parent variances            (N', O, P)
+    a_out      parent activations          (N', O)
+    beta_u, beta_a   learned per parent type (O,)
+    lambda     inverse temperature, rising towards `final_lambda` over the iterations
+
+One iteration of Procedure 1:
+    M-step  Ra_ij      = R_ij * a_i * (data scale, fix 3)
+            mu_jh      = sum_i Ra_ij V_ijh / sum_i Ra_ij
+            sigma_sq_jh= sum_i Ra_ij (V_ijh - mu_jh)^2 / sum_i Ra_ij + variance floor   (fix 2)
+            cost_jh    = (beta_u + log sigma_jh) * sum_i Ra_ij
+            a_j        = logistic(lambda * (beta_a - sum_h cost_jh))
+    E-step  log p_ij   = -sum_h (V_ijh - mu_jh)^2 / (2 sigma_sq_jh) - sum_h log sigma_jh - P/2 log(2 pi)
+            R_ij       = softmax over every parent j that receives child i of (log p_ij + log a_j)  (fix 1)
+
+Gritzman (2019), "Avoiding implementation pitfalls of matrix capsule networks with EM routing":
+    fix 1  parents at different positions compete for the same child: in conv layers the E-step normalises a
+           child's assignments over all parents at all positions whose windows hold it (`normalise` argument,
+           see layers.ConvCaps), not per window.
+    fix 2  a parent with a single child would have zero variance and log sigma = -inf: a variance floor
+           (`variance_floor`) keeps it finite.
+    fix 3  the amount of data sent to a parent grows with the fan-in (I / O children per parent): sum_i Ra_ij is
+           scaled by DATA_SCALE * O / I so one lambda and beta setting fits layers of very different fan-in.
+
+The fast path: the M-step needs sum_i Ra V and sum_i Ra V^2, the E-step needs sum_h V^2 / sigma_sq and
+sum_h V mu / sigma_sq. With VV = [V, V^2] (N', O, I, 2P) built once, each is one batched matrix product
+that reads VV once, and autograd keeps VV alone (no per-iteration (V - mu)^2 tensors). To keep the expanded
+squares exact enough in float32, votes are first centred on their unweighted mean over the children
+(routing is translation-equivariant: means shift, variances and assignments do not).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+P = 16
+DATA_SCALE = 100.0  # fix 3: an average parent receives about 100 units of R*a (Gritzman's setting)
+LOG_2PI = math.log(2.0 * math.pi)
+
+Normaliser = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RoutingResult(NamedTuple):
+    """Outputs of one routing call. poses (N', O, P), a_out (N', O), log_R (N', O, I) of the last M-step."""
+
+    poses: torch.Tensor
+    a_out: torch.Tensor
+    log_R: torch.Tensor
+
+
+def normalise_over_parents(log_p: torch.Tensor) -> torch.Tensor:
+    """Fully connected E-step normalisation: log softmax over parents. log_p (N', O, I) -> log R (N', O, I)."""
+    return log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
+
+
+def inverse_temperatures(iterations: int, final_lambda: float) -> list[float]:
+    """lambda for each iteration: final_lambda * (1 - 0.95^(t+1)), rising towards final_lambda (Gritzman)."""
+    return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
+
+
+def route(
+    V: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    log_R0: torch.Tensor,
+    normalise: Normaliser,
+    *,
+    iterations: int,
+    final_lambda: float = 0.01,
+    alpha: float = 0.0,
+    variance_floor: float = 1e-4,
+) -> RoutingResult:
+    """EM routing in the internal layout. Runs in float32 whatever the autocast state.
+
+    V (N', O, I, P) votes; a_in (N', I); beta_u, beta_a (O,); log_R0 (N', O, I) initial log assignments
+    (uniform over each child's parents); `normalise` maps E-step log-likelihoods (N', O, I) to log R.
+    `alpha` is the moving average of poses across iterations (0 in the paper, 0.1 in the authors' code):
+    mu_t = (1 - alpha) * mu_new + alpha * mu_(t-1).
+    """
+    if iterations < 1:
+        raise ValueError(f"routing needs at least one iteration, got {iterations}")
+    with torch.autocast(device_type=V.device.type, enabled=False):
+        V = V.float()
+        a_in = a_in.float()
+        n, O, I, _ = V.shape
+        centre = V.mean(dim=2, keepdim=True)  # (N', O, 1, P)
+        Vc = V - centre
+        VV = torch.cat([Vc, Vc * Vc], dim=-1)  # (N', O, I, 2P)
+        scale = DATA_SCALE * O / I  # fix 3
+        a_scaled = (a_in * scale).unsqueeze(1)  # (N', 1, I)
+        log_R = log_R0
+        mu = None
+        for t, lam in enumerate(inverse_temperatures(iterations, final_lambda)):
+            # M-step
+            Ra = torch.exp(log_R) * a_scaled  # (N', O, I)
+            sum_Ra = Ra.sum(dim=2)  # (N', O)
+            moments = torch.matmul(Ra.unsqueeze(2), VV).squeeze(2)  # (N', O, 2P): sum Ra V, sum Ra V^2
+            denom = sum_Ra.unsqueeze(-1) + 1e-10
+            mu_new = moments[..., :P] / denom  # (N', O, P)
+            mu = mu_new if (mu is None or alpha == 0.0) else (1.0 - alpha) * mu_new + alpha * mu
+            # E[(V - mu)^2] = E[V^2] - 2 mu E[V] + mu^2 (exact for any mu, also when alpha moves mu off the mean)
+            mean_sq = moments[..., P:] / denom
+            sigma_sq = (mean_sq - 2.0 * mu * mu_new + mu * mu).clamp_min(0.0) + variance_floor  # fix 2
+            log_sigma_sq = torch.log(sigma_sq)
+            cost = (beta_u.unsqueeze(-1) + 0.5 * log_sigma_sq) * sum_Ra.unsqueeze(-1)  # (N', O, P)
+            logit = lam * (beta_a - cost.sum(dim=-1))  # (N', O)
+            a_out = torch.sigmoid(logit)
+            if t == iterations - 1:
+                break
+            # E-step: sum_h (V - mu)^2 / sigma_sq = VV . [-2 mu / sigma_sq, 1 / sigma_sq] + sum_h mu^2 / sigma_sq
+            inv = 1.0 / sigma_sq
+            coef = torch.cat([-2.0 * mu * inv, inv], dim=-1).unsqueeze(-1)  # (N', O, 2P, 1)
+            dist = torch.matmul(VV, coef).squeeze(-1) + (mu * mu * inv).sum(-1, keepdim=True)  # (N', O, I)
+            log_p = -0.5 * dist.clamp_min(0.0) - 0.5 * log_sigma_sq.sum(-1, keepdim=True) - 0.5 * P * LOG_2PI
+            log_R = normalise(log_p + F.logsigmoid(logit).unsqueeze(-1))  # log a_j, finite even where a_j underflows
+        poses = mu + centre.squeeze(2)
+    return RoutingResult(poses, a_out, log_R)
+
+
+def em_routing(
+    votes: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    *,
+    iterations: int,
+    final_lambda: float = 0.01,
+    alpha: float = 0.0,
+    variance_floor: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fully connected EM routing, the public functional form.
+
+    votes (N, I, O, P) with P = 16; a_in (N, I); beta_u, beta_a (O,).
+    Returns poses (N, O, P) and a_out (N, O). Defaults give the paper (alpha = 0).
+    """
+    if votes.dim() != 4 or votes.shape[-1] != P:
+        raise ValueError(f"votes must be (N, I, O, {P}), got {tuple(votes.shape)}")
+    n, I, O, _ = votes.shape
+    if a_in.shape != (n, I):
+        raise ValueError(f"a_in must be (N, I) = {(n, I)}, got {tuple(a_in.shape)}")
+    V = votes.transpose(1, 2)  # (N, O, I, P)
+    log_R0 = torch.full((n, O, I), -math.log(O), dtype=torch.float32, device=votes.device)
+    result = route(
+        V, a_in, beta_u, beta_a, log_R0, normalise_over_parents,
+        iterations=iterations, final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
+    )
+    return result.poses, result.a_out
