@@ -88,7 +88,7 @@ def route(
     alpha: float = 0.0,
     variance_floor: float = 1e-4,
 ) -> RoutingResult:
-    """EM routing in the internal layout. Runs in float32 whatever the autocast state.
+    """EM routing in the internal layout. Runs in float32 (float64 if given) whatever the autocast state.
 
     V (N', O, I, P) votes; a_in (N', I); beta_u, beta_a (O,); log_R0 (N', O, I) initial log assignments
     (uniform over each child's parents); `normalise` maps E-step log-likelihoods (N', O, I) to log R.
@@ -98,8 +98,8 @@ def route(
     if iterations < 1:
         raise ValueError(f"routing needs at least one iteration, got {iterations}")
     with torch.autocast(device_type=V.device.type, enabled=False):
-        V = V.float()
-        a_in = a_in.float()
+        dtype = torch.promote_types(V.dtype, torch.float32)  # half types go up to float32, float64 stays
+        V, a_in, log_R0 = V.to(dtype), a_in.to(dtype), log_R0.to(dtype)
         n, O, I, _ = V.shape
         centre = V.mean(dim=2, keepdim=True)  # (N', O, 1, P)
         Vc = V - centre
@@ -157,7 +157,7 @@ def em_routing(
     if a_in.shape != (n, I):
         raise ValueError(f"a_in must be (N, I) = {(n, I)}, got {tuple(a_in.shape)}")
     V = votes.transpose(1, 2)  # (N, O, I, P)
-    log_R0 = torch.full((n, O, I), -math.log(O), dtype=torch.float32, device=votes.device)
+    log_R0 = torch.full((n, O, I), -math.log(O), dtype=torch.float32, device=votes.device)  # uniform 1/O
     result = route(
         V, a_in, beta_u, beta_a, log_R0, normalise_over_parents,
         iterations=iterations, final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
