@@ -69,3 +69,11 @@ class CapsNet(nn.Module):
         poses, acts = self.conv_caps2(poses, acts)  # (N, D, 16, H3, W3), (N, D, H3, W3)
         class_poses, class_acts = self.class_caps(poses, acts)  # (N, K, 16), (N, K)
         return (class_acts, class_poses) if return_poses else class_acts
+
+
+def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: int) -> CapsNet:
+    """CapsNet from a `capsdist.config.ModelConfig`: its preset, with A..D overridden where non-zero."""
+    widths = {k: getattr(model_cfg, k) or v for k, v in PRESETS[model_cfg.size].items()}
+    return CapsNet(**widths, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
+                   iterations=model_cfg.iterations, coord_add=model_cfg.coord_add, alpha=model_cfg.alpha,
+                   final_lambda=model_cfg.final_lambda, routing_checkpoint=model_cfg.routing_checkpoint)

@@ -1,0 +1,51 @@
+"""Benchmark CapsNet training and inference speed on synthetic input of a config's shape.
+
+    python launch/bench.py --config configs/full.yaml --batch-size 8 --steps 10 [--compile]
+        [--mixed-precision bf16|fp16|no] [--device cpu|cuda] [--in-channels 1] [--set model.iterations=2]
+
+Prints one JSON line (see capsdist.bench.BenchResult for the fields).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from capsdist.bench import BenchSettings, run_benchmark
+from capsdist.config import load_config
+from capsdist.errors import CapsdistError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config (YAML); its model and data shape are used")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (e.g. model.routing_checkpoint=true)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the config's)")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (compilation happens here)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
+                        help="autocast dtype (default: the config's train.mixed_precision)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
+    parser.add_argument("--in-channels", type=int, default=None, help="override input channels")
+    parser.add_argument("--input-size", type=int, default=None, help="override input height and width")
+    parser.add_argument("--classes", type=int, default=None, help="override number of classes")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        settings = BenchSettings.from_config(
+            cfg, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, compile=args.compile,
+            mixed_precision=args.mixed_precision, device=args.device, in_channels=args.in_channels,
+            input_size=args.input_size, classes=args.classes)
+        result = run_benchmark(settings)
+    except CapsdistError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
