@@ -1,0 +1,281 @@
+"""Run configuration: a typed dataclass schema, YAML loading, `a.b=c` overrides and validation.
+
+A config is data. `load_config(path, overrides)` reads a YAML file, applies command-line
+overrides (`optim.lr=1e-3`, `logging.wandb.tags=[a,b]`), coerces every value to the type its
+field declares and checks every constraint, so a bad key, type or value stops the run with a
+`ConfigError` that names the key and the file before any work starts. The user's file is
+never written; `save_config` writes the resolved config into the run directory instead.
+Every key is documented in configs/README.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from capsdist.errors import ConfigError
+
+
+def _num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
+    """A numeric field with bounds checked by `validate` (lo <= v <= hi, or lo < v with open_lo)."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "open_lo": open_lo})
+
+
+@dataclass
+class ModelConfig:
+    size: Literal["full", "small"] = "small"  # preset: full A=B=C=D=32, small A=64 B=8 C=D=16
+    A: int = _num(0, 0)  # ReLU conv channels; 0 keeps the preset's value (tests use tiny widths)
+    B: int = _num(0, 0)  # primary capsule types; 0 = preset
+    C: int = _num(0, 0)  # ConvCaps1 capsule types; 0 = preset
+    D: int = _num(0, 0)  # ConvCaps2 capsule types; 0 = preset
+    iterations: int = _num(3, 1)  # EM routing iterations (paper: 3)
+    alpha: float = _num(0.0, 0.0, 1.0)  # moving average of poses across iterations (paper 0, authors' code 0.1)
+    coord_add: bool = True  # add scaled coordinates to class-capsule votes (paper)
+    final_lambda: float = _num(0.01, 0.0, open_lo=True)  # inverse temperature at the last iteration
+    routing_checkpoint: bool = False  # recompute routing in backward to save memory
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "smallnorb"  # dataset name known to capsdist.data (seed: dataset_name)
+    shards: str = ""  # directory or URL prefix with manifest.json; "" = shards/<dataset>
+    val_strategy: Literal["random", "loio", "test"] = "random"  # test = selection on the test set
+    val_fraction: float = _num(0.1, 0.0, 1.0, open_lo=True)  # held-out fraction for random
+    viewpoint: Literal["none", "azimuth", "elevation"] = "none"  # smallNORB novel-viewpoint split
+    channels: Literal["both", "left"] = "both"  # smallNORB stereo channels
+    augment: bool = True  # training augmentation
+    pad_crop: int = _num(0, 0)  # MNIST-likes: pad by N then random-crop back
+    num_workers: int = _num(2, 0)  # data loader workers per process
+    shuffle_buffer: int = _num(1000, 1)  # WebDataset shuffle buffer (samples)
+    skip_corrupt: bool = False  # skip corrupt samples instead of failing
+    prepare: Literal["auto", "never"] = "auto"  # auto: rank 0 prepares missing shards
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adam", "adamw"] = "adam"  # seed: optimizer
+    lr: float = _num(3e-3, 0.0, open_lo=True)  # peak learning rate (seed: learning_rate)
+    weight_decay: float = _num(0.0, 0.0)  # L2 (adam) or decoupled (adamw) decay
+    lr_decay_rate: float = 0.96  # exponential decay factor; <= 0 disables decay
+    lr_decay_steps: int = _num(20000, 1)  # global steps per decay factor
+    grad_clip: float = _num(0.0, 0.0)  # max global gradient norm; 0 disables
+
+
+@dataclass
+class LossConfig:
+    name: Literal["spread_loss", "categorical_crossentropy", "squared_hinge"] = "spread_loss"
+    margin_schedule: Literal["linear", "sigmoid"] = "linear"  # linear 0.2->0.9 (paper), sigmoid (authors)
+    max_margin_steps: int = _num(20000, 1)  # global step at which the margin reaches its maximum
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = _num(64, 1)  # global batch; divided evenly over processes
+    epochs: int = _num(100, 1)  # passes over the training split
+    max_steps: int = _num(0, 0)  # stop after this many global steps; 0 = run all epochs
+    seed: int = 0  # model init and data order
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # via Accelerate; routing stays float32
+    compile: bool = False  # torch.compile the model
+    max_nonfinite: int = _num(5, 1)  # consecutive non-finite losses that stop the run
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = _num(0, 0)  # evaluate every N global steps; 0 = at each epoch end only
+    test: bool = True  # also evaluate on the test split
+    batch_size: int = _num(0, 0)  # global eval batch; 0 = train.batch_size
+    misclassified_images: int = _num(8, 0)  # misclassified samples logged per evaluation
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = _num(500, 0)  # save every N global steps (0 = only at epoch ends and on exit)
+    keep_last: int = _num(3, 1)  # step checkpoints kept (best is kept apart)
+    best_metric: Literal["val_accuracy", "test_accuracy"] = "val_accuracy"  # what `best` maximises
+
+
+@dataclass
+class WandbConfig:
+    project: str = "capsdist"
+    entity: str = ""  # "" = your default entity
+    name: str = ""  # "" = the run directory's name
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline", "disabled"] = "online"  # online without credentials -> offline
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = _num(10, 1)  # steps between throughput/stat logs (loss goes to metrics.jsonl every step)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run_dir: str = ""  # "" = runs/<config file stem>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def shards(self) -> str:
+        """Shard location: data.shards, or shards/<dataset> when unset."""
+        return self.data.shards or f"shards/{self.data.dataset}"
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` as type `tp` (int, float, bool, str, list[str], Literal) or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text) if text.startswith("[") else [v for v in text.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, where) for v in value]
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+            return value.lower() in _TRUE
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 3e-3 as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    raise AssertionError(f"unsupported config type {tp}")
+
+
+def _merge(obj: Any, values: dict, prefix: str, source: str) -> None:
+    """Set the fields of dataclass `obj` from the nested dict `values` (keys checked, values coerced)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in values.items():
+        where = f"{source}: {prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key; known keys here: {', '.join(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value if value is not None else {}, f"{prefix}{key}.", source)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], where))
+
+
+def _override(cfg: Config, item: str) -> None:
+    """Apply one `a.b.c=value` override; the value is parsed as YAML text and coerced."""
+    where = f"--set {item}"
+    if "=" not in item:
+        raise ConfigError(f"{where}: expected key=value, for example optim.lr=1e-3")
+    key, text = item.split("=", 1)
+    *path, leaf = key.strip().split(".")
+    nested: dict = {leaf: text if text.strip() else None}
+    for part in reversed(path):
+        nested = {part: nested}
+    _merge(cfg, nested, "", "--set")
+
+
+def validate(cfg: Config, source: str) -> None:
+    """Check numeric bounds and cross-field rules; raise ConfigError naming the key and `source`."""
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            lo, hi, open_lo = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("open_lo")
+            key = f"{source}: {prefix}{f.name}"
+            if lo is not None and (value <= lo if open_lo else value < lo):
+                raise ConfigError(f"{key}: {value} must be {'>' if open_lo else '>='} {lo}")
+            if hi is not None and value > hi:
+                raise ConfigError(f"{key}: {value} must be <= {hi}")
+
+    walk(cfg, "")
+    if cfg.data.val_strategy == "loio" and cfg.data.dataset != "smallnorb":
+        raise ConfigError(f"{source}: data.val_strategy: loio (leave instance out) exists only for smallnorb")
+    if cfg.data.viewpoint != "none" and cfg.data.dataset != "smallnorb":
+        raise ConfigError(f"{source}: data.viewpoint: novel-viewpoint splits exist only for smallnorb")
+    if cfg.checkpoint.best_metric == "test_accuracy" and not cfg.eval.test:
+        raise ConfigError(f"{source}: checkpoint.best_metric: test_accuracy needs eval.test: true")
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read YAML `path`, apply `overrides` ("a.b=c"), validate, and return the typed Config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    cfg = config_from_dict(values, str(path), overrides)
+    if not cfg.run_dir:
+        cfg.run_dir = str(Path("runs") / path.stem)
+    return cfg
+
+
+def config_dict(cfg: Config) -> dict:
+    """The config as a plain nested dict (for YAML, W&B and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML to `path` (in the run directory), atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def config_from_dict(values: dict, source: str, overrides: list[str] = ()) -> Config:
+    """Build a validated Config from nested `values` read from `source`, then `overrides`."""
+    cfg = Config()
+    _merge(cfg, values, "", source)
+    for item in overrides:
+        _override(cfg, item)
+    validate(cfg, f"{source}{' with --set overrides' if overrides else ''}")
+    return cfg
