@@ -1,0 +1,302 @@
+"""Streaming loaders over prepared shards, one rank of a world of processes at a time.
+
+    manifest = load_manifest(opts.shards)
+    for batch in train_loader(manifest, opts, epoch=e, rank=r, world_size=w, per_rank_batch=b): ...
+    # Batch(images float32 (b, C, H, W), labels int64 (b,), index int64 (b,), skipped int)
+
+Each worker of the torch DataLoader follows its `WorkerPlan` (capsdist.data.plan): it streams
+its shards (local paths, http(s):// URLs or pipe: commands, opened by webdataset's gopen),
+keeps the planned sample indices, shuffles undecoded records in a buffer seeded by
+(seed, epoch, rank, worker) when training, and decodes and transforms only the batches it
+yields. Loaders must never go through `accelerator.prepare` (it would re-shard or broadcast
+them and lose data): every rank already gets its own, equally long, share.
+
+Corrupt data: by default a truncated shard, an unreadable member or a missing sample raises
+DataError naming the shard and member. With skip_corrupt, training fills the slot with another
+sample of the same batch and evaluation with a padding row; `Batch.skipped` counts them and the
+loader logs the epoch's total.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import logging
+import tarfile
+import zlib
+from dataclasses import dataclass
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset import gopen
+
+from capsdist.data import plan as plans
+from capsdist.data.manifest import Manifest, load_manifest
+from capsdist.data.transforms import Transform, input_shape as _input_shape, make_transform
+from capsdist.errors import DataError
+
+__all__ = ["DataOptions", "Batch", "load_manifest", "input_shape", "steps_per_epoch", "train_loader",
+           "eval_loader", "EpochLoader"]
+log = logging.getLogger(__name__)
+_TAG_SHUFFLE = 0x5348
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    shards: str  # directory or URL prefix that holds manifest.json ("{}" marks the file name in pipe: commands)
+    val_strategy: str = "random"  # random | loio | test
+    val_fraction: float = 0.1  # for random
+    viewpoint: str = "none"  # none | azimuth | elevation (smallNORB novel-viewpoint split)
+    channels: str = "both"  # smallNORB stereo: both | left (ignored for 1-channel sets)
+    augment: bool = True  # training augmentation (smallNORB: crop+brightness+contrast; MNIST-likes: pad_crop)
+    pad_crop: int = 0  # MNIST-likes: pad by N then random crop back (0 = off)
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    skip_corrupt: bool = False
+    seed: int = 0
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # float32 (B, C, H, W), already transformed
+    labels: torch.Tensor  # int64 (B,); -1 on padding rows
+    index: torch.Tensor  # int64 (B,) stable index of the sample within its split; -1 marks padding rows (eval only)
+    skipped: int  # corrupt samples skipped (skip mode) since the previous batch of the same worker
+
+
+def input_shape(manifest: Manifest, opts: DataOptions) -> tuple[int, int, int]:
+    """(C, H, W) of the model input; the number of classes is len(manifest.classes)."""
+    return _input_shape(manifest, opts.channels)
+
+
+def _select(manifest: Manifest, opts: DataOptions, role: str) -> tuple[str, np.ndarray]:
+    return plans.select(manifest, role, val_strategy=opts.val_strategy, val_fraction=opts.val_fraction,
+                        viewpoint=opts.viewpoint, seed=opts.seed)
+
+
+def steps_per_epoch(manifest: Manifest, opts: DataOptions, global_batch: int) -> int:
+    """Training batches per rank and epoch (global_batch = world_size * per_rank_batch); same on every rank."""
+    return plans.train_steps(len(_select(manifest, opts, "train")[1]), 1, global_batch)
+
+
+def train_loader(manifest: Manifest, opts: DataOptions, *, epoch: int, rank: int, world_size: int,
+                 per_rank_batch: int, start_batch: int = 0) -> EpochLoader:
+    """This rank's training batches of `epoch`: exactly steps_per_epoch of them, minus the first `start_batch`.
+
+    Order and augmentation are a pure function of (seed, epoch, rank, world_size, num_workers):
+    start_batch=k yields exactly batches k.. of the full epoch, reading but not decoding the first k.
+    """
+    split, indices = _select(manifest, opts, "train")
+    worker_plans = plans.train_plan(manifest, split, indices, seed=opts.seed, epoch=epoch, rank=rank,
+                                    world_size=world_size, num_workers=opts.num_workers,
+                                    per_rank_batch=per_rank_batch)
+    transform = make_transform(manifest, train=True, augment=opts.augment, channels=opts.channels,
+                               pad_crop=opts.pad_crop, seed=opts.seed, epoch=epoch)
+    stream = _Stream(manifest, split, worker_plans, transform, batch=per_rank_batch, train=True,
+                     shuffle=(opts.seed, epoch, rank, opts.shuffle_buffer), skip_corrupt=opts.skip_corrupt,
+                     start_batch=start_batch, shape=input_shape(manifest, opts))
+    total = sum(p.num_batches for p in worker_plans)
+    return EpochLoader(stream, opts.num_workers, total - start_batch, f"train epoch {epoch} rank {rank}")
+
+
+def eval_loader(manifest: Manifest, opts: DataOptions, split: str, *, rank: int, world_size: int,
+                per_rank_batch: int) -> EpochLoader:
+    """This rank's share of split "val" or "test", in order; the same number of batches on every rank.
+
+    Across ranks every selected sample appears exactly once with index >= 0; padding rows have
+    index -1 and label -1. With val_strategy "test", "val" is the test split (and says so loudly).
+    """
+    if split not in ("val", "test"):
+        raise DataError(f"eval split {split!r}: expected 'val' or 'test'")
+    if split == "val" and opts.val_strategy == "test":
+        log.warning("val_strategy=test: validation uses the TEST split, so model selection sees the test "
+                    "set and test accuracy is optimistic; use random or loio for an honest estimate")
+    source, indices = _select(manifest, opts, split)
+    worker_plans = plans.eval_plan(manifest, source, indices, rank=rank, world_size=world_size,
+                                   num_workers=opts.num_workers, per_rank_batch=per_rank_batch)
+    transform = make_transform(manifest, train=False, augment=False, channels=opts.channels,
+                               pad_crop=0, seed=opts.seed, epoch=0)
+    stream = _Stream(manifest, source, worker_plans, transform, batch=per_rank_batch, train=False,
+                     shuffle=None, skip_corrupt=opts.skip_corrupt, start_batch=0,
+                     shape=input_shape(manifest, opts))
+    total = sum(p.num_batches for p in worker_plans)
+    return EpochLoader(stream, opts.num_workers, total, f"{split} rank {rank}")
+
+
+class EpochLoader:
+    """One epoch of one rank: iterate for Batches; `len()` batches; `skipped` after iterating.
+
+    Wraps a torch DataLoader (batch_size=None: workers yield whole batches). Keep it out of
+    accelerator.prepare.
+    """
+
+    def __init__(self, stream: IterableDataset, num_workers: int, num_batches: int, what: str):
+        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                 pin_memory=torch.cuda.is_available())
+        self.num_batches = num_batches
+        self.what = what
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.skipped = produced = 0
+        for batch in _plain_errors(self.loader):
+            self.skipped += batch.skipped
+            if batch.images.numel() == 0:  # a batch before start_batch: read, not decoded
+                continue
+            produced += 1
+            yield batch
+        if produced != self.num_batches:
+            raise DataError(f"{self.what}: made {produced} batches instead of {self.num_batches}")
+        if self.skipped:
+            log.warning("%s: skipped %d corrupt samples (skip_corrupt mode)", self.what, self.skipped)
+
+
+def _plain_errors(loader: DataLoader) -> Iterator[Batch]:
+    """Iterate `loader`, turning a worker's DataError (wrapped with its traceback by torch) back into its message."""
+    try:
+        yield from loader
+    except DataError as exc:
+        text = str(exc)
+        if "Original Traceback" not in text:
+            raise
+        raise DataError(text.rsplit("DataError: ", 1)[-1].strip()) from None
+
+
+class _Record(NamedTuple):
+    index: int
+    parts: dict  # member extension ("png", "left.png", "cls", "json") -> bytes
+    where: str  # "shard member" for messages
+
+
+class _Corrupt(Exception):
+    """A record that cannot be decoded; handled per skip_corrupt."""
+
+
+class _Stream(IterableDataset):
+    """The batches of one rank; each DataLoader worker makes those of its own WorkerPlan."""
+
+    def __init__(self, manifest: Manifest, split: str, worker_plans: list[plans.WorkerPlan],
+                 transform: Transform, *, batch: int, train: bool, shuffle: tuple | None, skip_corrupt: bool,
+                 start_batch: int, shape: tuple[int, int, int]):
+        self.manifest, self.split, self.plans, self.transform = manifest, split, worker_plans, transform
+        self.batch, self.train, self.shuffle, self.skip_corrupt = batch, train, shuffle, skip_corrupt
+        self.start_batch, self.shape = start_batch, shape
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        plan = self.plans[worker]
+        records = self._records(plan)
+        if self.shuffle is not None:
+            seed, epoch, rank, size = self.shuffle
+            records = _shuffled(records, size, np.random.default_rng([seed, epoch, rank, worker, _TAG_SHUFFLE]))
+        self.skipped, last_good = 0, None
+        for k in range(plan.num_batches):
+            chunk = list(itertools.islice(records, self.batch))
+            if k * num_workers + worker < self.start_batch:  # resuming: read past it, do not decode
+                yield Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
+                            self._take_skipped())
+                continue
+            rows = [self._decode(r) for r in chunk] + [None] * (self.batch - len(chunk))
+            last_good = self._fill(rows, last_good)
+            yield Batch(torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows]),
+                        torch.tensor([r[2] for r in rows]), self._take_skipped())
+
+    def _take_skipped(self) -> int:
+        n, self.skipped = self.skipped, 0
+        return n
+
+    def _fill(self, rows: list, last_good):
+        """Fill empty rows (corrupt in skip mode, or eval padding): training repeats a good row, eval pads."""
+        good = [r for r in rows if r is not None]
+        for i, row in enumerate(rows):
+            if row is not None:
+                continue
+            if not self.train:
+                rows[i] = (torch.zeros(self.shape), -1, -1)
+            elif good or last_good is not None:
+                rows[i] = good[i % len(good)] if good else last_good
+            else:
+                raise DataError(f"{self.split}: no readable sample to fill a training batch (skip_corrupt); "
+                                f"prepare the dataset again: {self.manifest.prepare_command()}")
+        return good[-1] if good else last_good
+
+    def _decode(self, record: _Record):
+        """(image float32 (C, H, W), label, index) of a record; None when corrupt in skip mode."""
+        views = self.manifest.views
+        try:
+            names = ["png"] if len(views) == 1 else [f"{v}.png" for v in views]
+            arrays = [np.asarray(Image.open(io.BytesIO(record.parts[n])).convert("L")) for n in names]
+            images = np.stack(arrays)
+            if images.shape != tuple(self.manifest.image_shape):
+                raise _Corrupt(f"image shape {images.shape}, expected {self.manifest.image_shape}")
+            label = int(record.parts["cls"])
+            if not 0 <= label < len(self.manifest.classes):
+                raise _Corrupt(f"label {label} out of range")
+        except (KeyError, ValueError, OSError, _Corrupt) as exc:
+            if not self.skip_corrupt:
+                raise DataError(f"corrupt sample {record.where}: {exc!r}; prepare the dataset again "
+                                f"({self.manifest.prepare_command()}) or set skip_corrupt") from None
+            self.skipped += 1
+            return None
+        return self.transform(images, record.index), label, record.index
+
+    def _records(self, plan: plans.WorkerPlan) -> Iterator[_Record]:
+        """The planned records, shard by shard; missing ones raise or are counted as skipped."""
+        info = self.manifest.splits[self.split]
+        for shard_pos, wanted in plan.reads:
+            url = self.manifest.url(info.shards[shard_pos])
+            seen = set()
+            for record in self._read_shard(url, set(wanted.tolist())):
+                seen.add(record.index)
+                yield record
+            missing = len(wanted) - len(seen)
+            if missing and not self.skip_corrupt:
+                raise DataError(f"shard {url} lacks {missing} of its samples (truncated?); prepare the dataset "
+                                f"again: {self.manifest.prepare_command()}")
+            self.skipped += missing
+
+    def _read_shard(self, url: str, wanted: set[int]) -> Iterator[_Record]:
+        """Records of `wanted` indices in shard `url`, grouped from consecutive tar members of one key."""
+        member, current = None, None
+        try:
+            with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+                for member_info in tar:
+                    member = member_info.name
+                    key, _, ext = member.partition(".")
+                    if not key.isdigit() or int(key) not in wanted:
+                        continue
+                    if current is not None and current.index != int(key):
+                        yield current
+                        current = None
+                    if current is None:
+                        current = _Record(int(key), {}, f"{key} of shard {url}")
+                    current.parts[ext] = tar.extractfile(member_info).read()
+            if current is not None:
+                yield current
+        except FileNotFoundError:
+            raise DataError(f"shard {url} not found; prepare the dataset: {self.manifest.prepare_command()}") from None
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+            if not self.skip_corrupt:
+                raise DataError(f"shard {url} is corrupt or truncated at member {member}: {exc}; prepare the "
+                                f"dataset again: {self.manifest.prepare_command()}") from None
+            log.warning("shard %s: corrupt or truncated at member %s (%s); skipping the rest", url, member, exc)
+
+
+def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:
+    """Seeded shuffle buffer of `size` items (webdataset-style, but with our own generator)."""
+    buffer = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[j]

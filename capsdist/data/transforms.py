@@ -1,0 +1,71 @@
+"""Per-sample transforms: stored uint8 views (V, H, W) -> float32 model input (C, h, w).
+
+smallNORB (paper and seed): views (2, 96, 96) -> both or only the left view -> resize to 48x48
+-> per-image standardization -> training: random 32x32 crop, random brightness (delta uniform in
+[-0.4, 0.4]), random contrast (factor uniform in [0, 3], around each channel's mean, like
+tf.image.random_contrast(0, 3)); evaluation: centre 32x32 crop. Output (2 or 1, 32, 32).
+MNIST-likes: (1, 28, 28) -> training with pad_crop N: zero-pad by N, random 28x28 crop ->
+per-image standardization. Output (1, 28, 28).
+
+Randomness is a pure function of (seed, epoch, sample index), never of worker or time, so a
+resumed or re-sharded epoch augments every sample exactly as before.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from capsdist.data.manifest import Manifest
+
+NORB_RESIZE, NORB_CROP = 48, 32
+MAX_BRIGHTNESS_DELTA = 0.4
+CONTRAST_RANGE = (0.0, 3.0)
+_TAG_AUGMENT = 0x415547
+
+Transform = Callable[[np.ndarray, int], torch.Tensor]  # (uint8 (V, H, W), sample index) -> float32 (C, h, w)
+
+
+def input_shape(manifest: Manifest, channels: str) -> tuple[int, int, int]:
+    """(C, H, W) of the model input after the transforms."""
+    if manifest.dataset == "smallnorb":
+        return (1 if channels == "left" else 2, NORB_CROP, NORB_CROP)
+    return tuple(manifest.image_shape)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Per-image standardization (tf.image.per_image_standardization) over all of (C, H, W)."""
+    return (x - x.mean()) / x.std(correction=0).clamp_min(1.0 / x.numel() ** 0.5)
+
+
+def make_transform(manifest: Manifest, *, train: bool, augment: bool, channels: str, pad_crop: int,
+                   seed: int, epoch: int) -> Transform:
+    """The transform of one epoch of training (train=True) or of evaluation."""
+    randomize = train and augment
+
+    def rng(index: int) -> np.random.Generator:
+        return np.random.default_rng([seed, epoch, index, _TAG_AUGMENT])
+
+    def norb(views: np.ndarray, index: int) -> torch.Tensor:
+        x = torch.from_numpy(views[:1] if channels == "left" else views).float().div_(255)
+        x = standardize(TF.resize(x, [NORB_RESIZE, NORB_RESIZE], antialias=True))  # (C, 48, 48)
+        if not randomize:
+            return TF.center_crop(x, [NORB_CROP, NORB_CROP])
+        g = rng(index)
+        top, left = g.integers(0, NORB_RESIZE - NORB_CROP + 1, size=2)
+        x = TF.crop(x, int(top), int(left), NORB_CROP, NORB_CROP)  # (C, 32, 32)
+        x = x + g.uniform(-MAX_BRIGHTNESS_DELTA, MAX_BRIGHTNESS_DELTA)
+        mean = x.mean(dim=(-2, -1), keepdim=True)
+        return (x - mean) * g.uniform(*CONTRAST_RANGE) + mean
+
+    def mnist(views: np.ndarray, index: int) -> torch.Tensor:
+        x = torch.from_numpy(views).float().div_(255)  # (1, 28, 28)
+        if randomize and pad_crop > 0:
+            top, left = rng(index).integers(0, 2 * pad_crop + 1, size=2)
+            x = TF.crop(TF.pad(x, [pad_crop]), int(top), int(left), x.shape[-2], x.shape[-1])
+        return standardize(x)
+
+    return norb if manifest.dataset == "smallnorb" else mnist
