@@ -46,10 +46,10 @@ def select(manifest: Manifest, role: str, *, val_strategy: str, val_fraction: fl
            seed: int) -> tuple[str, np.ndarray]:
     """(split name, sorted int64 sample indices) used for `role` in {"train", "val", "test"}."""
     if role == "test" or (role == "val" and val_strategy == "test"):
-        return "test", np.flatnonzero(~_viewpoint_mask(manifest, "test", viewpoint))
+        return "test", np.flatnonzero(_viewpoint_mask(manifest, "test", viewpoint, train=False))
     if val_strategy not in ("random", "loio", "test"):
         raise ConfigError(f"val_strategy {val_strategy!r}: expected random, loio or test")
-    candidates = np.flatnonzero(_viewpoint_mask(manifest, "train", viewpoint))
+    candidates = np.flatnonzero(_viewpoint_mask(manifest, "train", viewpoint, train=True))
     if val_strategy == "test":
         return "train", candidates
     if val_strategy == "loio":
@@ -71,15 +71,17 @@ def _column(manifest: Manifest, split: str, name: str, why: str) -> np.ndarray:
     return manifest.splits[split].columns[name]
 
 
-def _viewpoint_mask(manifest: Manifest, split: str, viewpoint: str) -> np.ndarray:
-    """bool (N,) of the samples of `split` at the paper's training viewpoints (all True for "none")."""
+def _viewpoint_mask(manifest: Manifest, split: str, viewpoint: str, *, train: bool) -> np.ndarray:
+    """bool (N,): samples of `split` at the paper's training viewpoints (train) or at the others (all for "none")."""
     if viewpoint == "none":
         return np.ones(manifest.splits[split].num_samples, dtype=bool)
     if viewpoint == "azimuth":
-        return np.isin(_column(manifest, split, "azimuth", "viewpoint azimuth"), list(TRAIN_AZIMUTHS))
-    if viewpoint == "elevation":
-        return np.isin(_column(manifest, split, "elevation", "viewpoint elevation"), list(TRAIN_ELEVATIONS))
-    raise ConfigError(f"viewpoint {viewpoint!r}: expected none, azimuth or elevation")
+        seen = np.isin(_column(manifest, split, "azimuth", "viewpoint azimuth"), list(TRAIN_AZIMUTHS))
+    elif viewpoint == "elevation":
+        seen = np.isin(_column(manifest, split, "elevation", "viewpoint elevation"), list(TRAIN_ELEVATIONS))
+    else:
+        raise ConfigError(f"viewpoint {viewpoint!r}: expected none, azimuth or elevation")
+    return seen if train else ~seen
 
 
 def worker_batches(num_batches: int, num_workers: int) -> list[int]:
