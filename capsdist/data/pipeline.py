@@ -265,7 +265,8 @@ class _Stream(IterableDataset):
         """Records of `wanted` indices in shard `url`, grouped from consecutive tar members of one key."""
         member, current = None, None
         try:
-            with gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            mode = "r|gz" if url.rstrip(" -").endswith(".gz") else "r|"  # "r|*" sniffing costs ~30% more
+            with gopen(url) as stream, tarfile.open(fileobj=stream, mode=mode) as tar:
                 for member_info in tar:
                     member = member_info.name
                     key, _, ext = member.partition(".")

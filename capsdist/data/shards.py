@@ -149,7 +149,7 @@ def _write_split(out: Path, split: str, raw: RawSplit, order: np.ndarray, classe
 
     pattern = str(out / f".tmp-{split}-%06d{suffix}")
     with ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), post=finish, opener=open_shard,
-                     verbose=0, encoder=False, mtime=0.0) as writer:
+                     verbose=0, encoder=False, mtime=0) as writer:
         for index, src in enumerate(tqdm(order, desc=f"{split} shards", unit="sample", mininterval=2)):
             label = int(raw.labels[src])
             meta = {"index": index, "source_index": int(src), "label": label, "class": classes[label]}
