@@ -1,0 +1,82 @@
+"""Build what a run needs from its Config: data options and manifest, model, optimizer, LR schedule."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from capsdist.config import Config
+from capsdist.data.pipeline import DataOptions, input_shape, load_manifest
+from capsdist.data.manifest import prepare_command
+from capsdist.data.shards import prepare
+from capsdist.errors import DataError
+from capsdist.model import CapsNet
+from capsdist.model import build_model as model_from_config
+
+
+def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
+    """The run's Accelerator. Without CUDA it is created with cpu=True: a multi-process launch on CPU
+    (accelerate launch --multi_gpu / use_cpu config, torchrun) otherwise gives N separate 1-process runs."""
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
+                       log_with=log_with, dynamo_backend="inductor" if cfg.train.compile else "no")
+
+
+def data_options(cfg: Config) -> DataOptions:
+    """The data pipeline's options from the `data` section (train.seed seeds the data order)."""
+    d = cfg.data
+    return DataOptions(shards=cfg.shards, val_strategy=d.val_strategy, val_fraction=d.val_fraction,
+                       viewpoint=d.viewpoint, channels=d.channels, augment=d.augment, pad_crop=d.pad_crop,
+                       num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+                       skip_corrupt=d.skip_corrupt, seed=cfg.train.seed)
+
+
+def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
+    """The shards' manifest; when missing and data.prepare is auto, rank 0 prepares them first.
+
+    Preparation needs the raw files or the network (smallNORB and Fashion-MNIST download);
+    when it fails (offline), the DataError gives the exact prepare command to run by hand.
+    The other ranks wait at a barrier and then read the same manifest.
+    """
+    missing = "://" not in cfg.shards and not (Path(cfg.shards) / "manifest.json").is_file()
+    if missing and cfg.data.prepare == "auto":
+        error = None
+        if accelerator.is_main_process:
+            print(f"capsdist: no shards at {cfg.shards}: preparing {cfg.data.dataset} there (rank 0)")
+            try:
+                prepare(cfg.data.dataset, Path(cfg.shards))
+            except DataError as err:
+                error = DataError(f"{err}\ncould not prepare {cfg.data.dataset} automatically; run "
+                                  f"`{prepare_command(cfg.data.dataset, cfg.shards)}` (add --source DIR with "
+                                  "the raw files when offline), then start the run again")
+        accelerator.wait_for_everyone()
+        if error is not None:
+            raise error
+        if not accelerator.is_main_process and not (Path(cfg.shards) / "manifest.json").is_file():
+            raise DataError(f"{cfg.shards}: rank 0 could not prepare {cfg.data.dataset}; see its error")
+    return load_manifest(opts.shards)
+
+
+def build_model(cfg: Config, manifest, opts: DataOptions) -> CapsNet:
+    """CapsNet for the manifest's input shape and classes (model.A..D override the preset's widths)."""
+    channels, height, width = input_shape(manifest, opts)
+    if height != width:
+        raise DataError(f"{opts.shards}: CapsNet needs square inputs, the data gives {height}x{width}")
+    return model_from_config(cfg.model, in_channels=channels, input_size=height, num_classes=len(manifest.classes))
+
+
+def lr_factor(step: int, decay_rate: float, decay_steps: int) -> float:
+    """Exponential decay decay_rate ** (step / decay_steps) of the global step; 1 when decay_rate <= 0."""
+    return math.pow(decay_rate, step / decay_steps) if decay_rate > 0 else 1.0
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module):
+    """Adam or AdamW at optim.lr, and a LambdaLR whose step count is the global step."""
+    o = cfg.optim
+    kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    optimizer = kind(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, o.lr_decay_rate, o.lr_decay_steps))
+    return optimizer, scheduler

@@ -1,0 +1,131 @@
+"""Tracking: W&B through Accelerate's tracker, and run_dir/metrics.jsonl always.
+
+`wandb_settings` decides the W&B mode before wandb is first set up (WANDB_MODE must be set
+before that): "online" without credentials becomes "offline" and the `wandb sync` command is
+printed at the end. The run id is stored in run_dir/wandb_id.txt so a resumed run continues
+the same W&B run; every log call passes the global step restored from the checkpoint, because
+an offline resume starts a new run folder whose own step counter begins at 0.
+
+metrics.jsonl holds one JSON object per line: {"step": global step, "key": value, ...};
+a resumed run appends, so a step redone after a crash appears again (readers keep the last).
+"""
+
+from __future__ import annotations
+
+import json
+import netrc
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+from accelerate import Accelerator
+
+from capsdist.config import Config
+
+
+def _has_credentials() -> bool:
+    """True when wandb can authenticate without a prompt (WANDB_API_KEY, identity token, or netrc)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
+    """W&B init kwargs for this run (mode resolved, id kept in run_dir), or None when disabled.
+
+    Sets WANDB_MODE and WANDB_SILENT in the environment; call before the Accelerator is created.
+    """
+    mode = cfg.logging.wandb.mode
+    if mode == "online" and not _has_credentials():
+        mode = "offline"
+        if is_main:
+            print("capsdist: no W&B credentials found (wandb login / WANDB_API_KEY): logging offline")
+    if mode == "disabled":
+        return None
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    id_file = run_dir / "wandb_id.txt"
+    if is_main and not id_file.is_file():
+        id_file.write_text(uuid.uuid4().hex[:12])
+    wb = cfg.logging.wandb
+    return {
+        "id": id_file.read_text().strip() if is_main else None,
+        "resume": "allow",
+        "name": wb.name or run_dir.name,
+        "entity": wb.entity or None,
+        "tags": wb.tags or None,
+        "dir": str(run_dir),
+        "mode": mode,
+    }
+
+
+class Tracker:
+    """Scalar and media logging on rank 0: metrics.jsonl always, W&B when enabled."""
+
+    def __init__(self, accelerator: Accelerator, run_dir: Path, wandb_enabled: bool):
+        self.accelerator = accelerator
+        self.wandb = wandb_enabled
+        self.path = run_dir / "metrics.jsonl"
+        self._file = open(self.path, "a") if accelerator.is_main_process else None
+
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Log scalars at global `step` to metrics.jsonl and W&B (rank 0 only)."""
+        if self._file is None:
+            return
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()
+        if self.wandb:
+            self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def log_eval_media(self, split: str, result: dict, class_names: list[str], step: int) -> None:
+        """Confusion matrix (also to metrics.jsonl) and misclassified images of one evaluation."""
+        if self._file is None:
+            return
+        self._file.write(json.dumps({"step": step, f"{split}/confusion_matrix": result["confusion"]}) + "\n")
+        self._file.flush()
+        if not self.wandb:
+            return
+        import wandb
+
+        confusion = np.asarray(result["confusion"])  # (K, K), rows = true class
+        true, pred = np.nonzero(confusion)
+        counts = confusion[true, pred]
+        media = {f"{split}/confusion_matrix": wandb.plot.confusion_matrix(
+            y_true=np.repeat(true, counts).tolist(), preds=np.repeat(pred, counts).tolist(), class_names=class_names,
+            title=f"{split} confusion matrix")}
+        if result["misclassified"]:
+            media[f"{split}/misclassified"] = [
+                wandb.Image(_to_image(img), caption=f"true {class_names[t]}, predicted {class_names[p]}")
+                for img, t, p in result["misclassified"]]
+        self.accelerator.log(media, step=step)
+
+    def finish(self) -> None:
+        """Close metrics.jsonl and W&B; print the sync command for an offline run."""
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        if not self.wandb:
+            return
+        run = self.accelerator.get_tracker("wandb", unwrap=True)
+        offline_dir = Path(run.dir).parent if os.environ.get("WANDB_MODE") == "offline" else None
+        self.accelerator.end_training()
+        if offline_dir is not None:
+            print(f"capsdist: W&B run saved offline; upload it with: wandb sync {offline_dir}")
+
+
+def _to_image(image: np.ndarray) -> np.ndarray:
+    """(C, H, W) float image -> (H, W) or (H, W, 3) uint8 for display, min-max scaled."""
+    lo, hi = float(image.min()), float(image.max())
+    scaled = ((image - lo) / max(hi - lo, 1e-8) * 255).astype(np.uint8)
+    if scaled.shape[0] == 1:
+        return scaled[0]
+    if scaled.shape[0] == 2:  # smallNORB stereo: show the pair side by side
+        return np.concatenate([scaled[0], scaled[1]], axis=1)
+    return scaled.transpose(1, 2, 0)

@@ -1,0 +1,322 @@
+"""The training loop: Accelerate DDP, mixed precision, global-step schedules, exact resume.
+
+One `Trainer(cfg).fit()` call runs on every process. Per global step each rank takes its
+per_rank_batch = batch_size / world_size samples, and one all-reduce combines the ranks'
+loss, correct count, non-finite flag and stop request (SIGTERM/SIGINT), so all ranks skip,
+stop and log the same way. The data position (epoch, batches consumed) lives in `TrainState`;
+a resumed run recreates that epoch's loader and skips the consumed batches, which continues
+exactly on the same world size and at the same global sample count on another.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import resource
+import signal
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from capsdist.config import Config, config_dict, save_config
+from capsdist.data.pipeline import eval_loader, steps_per_epoch, train_loader
+from capsdist.errors import CheckpointError, ConfigError, TrainingError
+from capsdist.evaluate import evaluate
+from capsdist.loss import make_loss
+from capsdist.train import checkpoint
+from capsdist.train.checkpoint import TrainState
+from capsdist.train.setup import build_model, build_optimizer, data_options, load_data, make_accelerator
+from capsdist.train.tracking import Tracker, wandb_settings
+
+log = logging.getLogger("capsdist")
+
+
+class Trainer:
+    """Builds the run (accelerator, data, model, optimizer, tracker), restores a checkpoint, trains."""
+
+    def __init__(self, cfg: Config, *, source: str = "config", resume: str = "auto"):
+        self.cfg, self.source = cfg, source
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        wandb_kwargs = wandb_settings(cfg, self.run_dir, is_main=_is_main_env())
+        self.accelerator = acc = make_accelerator(cfg, log_with="wandb" if wandb_kwargs else None)
+        logging.basicConfig(level=logging.WARNING, format=f"[rank {acc.process_index}] %(levelname)s %(name)s: %(message)s")
+        log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
+        self.world = acc.num_processes
+        if cfg.train.batch_size % self.world:
+            raise ConfigError(f"{source}: train.batch_size: {cfg.train.batch_size} is not divisible by the "
+                              f"{self.world} processes; use a multiple of {self.world}")
+        eval_batch = cfg.eval.batch_size or cfg.train.batch_size
+        if eval_batch % self.world:
+            raise ConfigError(f"{source}: eval.batch_size: {eval_batch} is not divisible by the "
+                              f"{self.world} processes; use a multiple of {self.world}")
+        self.per_rank_batch, self.eval_per_rank = cfg.train.batch_size // self.world, eval_batch // self.world
+        self.resume_from = self._resume_path(resume)
+
+        self.opts = data_options(cfg)
+        self.manifest = load_data(cfg, acc, self.opts)
+        self.classes = list(self.manifest.classes)
+        self.steps_per_epoch = steps_per_epoch(self.manifest, self.opts, cfg.train.batch_size)
+        epochs_steps = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(cfg.train.max_steps, epochs_steps) if cfg.train.max_steps else epochs_steps
+
+        set_seed(cfg.train.seed)
+        model = build_model(cfg, self.manifest, self.opts)
+        optimizer, self.scheduler = build_optimizer(cfg, model)
+        # The scheduler is not prepared: Accelerate would step it once per process per step.
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
+        acc.register_for_checkpointing(self.state, self.scheduler)  # custom_checkpoint_0 is the state
+        self.loss_fn = make_loss(cfg.loss.name, margin_schedule=cfg.loss.margin_schedule,
+                                 max_margin_steps=cfg.loss.max_margin_steps)
+        if self.resume_from is not None:
+            self._restore()
+        if acc.is_main_process:
+            self._save_config()
+        if wandb_kwargs:
+            acc.init_trackers(cfg.logging.wandb.project, config=config_dict(cfg), init_kwargs={"wandb": wandb_kwargs})
+        self.tracker = Tracker(acc, self.run_dir, wandb_enabled=wandb_kwargs is not None)
+        self._signal: str | None = None  # a signal this process received
+        self._stop = False  # all ranks agreed to stop (set from the step's all-reduce)
+        self._nonfinite_run = 0  # consecutive skipped steps
+        self._saved_step = self.state.step if self.resume_from is not None else -1
+
+    def _resume_path(self, resume: str) -> Path | None:
+        if resume == "none":
+            if checkpoint.step_checkpoints(self.run_dir):
+                raise ConfigError(f"{self.run_dir}: already holds checkpoints; continue it with --resume auto "
+                                  "or start elsewhere with --run-dir")
+            return None
+        if resume == "auto":
+            found = checkpoint.step_checkpoints(self.run_dir)
+            return found[-1] if found else None
+        return checkpoint.resolve(self.run_dir, resume)
+
+    def _restore(self) -> None:
+        checkpoint.load(self.accelerator, self.resume_from, self.state)
+        if self.state.batch_size != self.cfg.train.batch_size:
+            raise CheckpointError(f"{self.resume_from}: written with train.batch_size {self.state.batch_size}, "
+                                  f"the config says {self.cfg.train.batch_size}; global batch must not change on resume")
+        if self.state.world_size != self.world:
+            log.warning("resuming a %d-process checkpoint on %d processes: continuing at global sample %d",
+                        self.state.world_size, self.world, self.state.samples_seen)
+        self.state.world_size = self.world
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_from, self.state.step,
+                 self.state.epoch, self.state.batch_in_epoch)
+
+    def _save_config(self) -> None:
+        path = self.run_dir / "config.yaml"
+        if path.is_file():
+            before = yaml.safe_load(path.read_text())
+            changed = _diff(before, config_dict(self.cfg))
+            if changed:
+                log.warning("config differs from this run directory's config.yaml in: %s", ", ".join(changed))
+        save_config(self.cfg, path)
+
+    # ---------------------------------------------------------------- the loop
+
+    def fit(self) -> dict:
+        """Train to the configured end (or a stop signal); returns the last evaluation's metrics."""
+        acc, state = self.accelerator, self.state
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.tracker.log({"event/start": 1, "world_size": self.world, "per_rank_batch": self.per_rank_batch}, state.step)
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_main_process,
+                   unit="step", dynamic_ncols=True)
+        last_eval: dict = {}
+        try:
+            while state.step < self.total_steps and not self._stop:
+                last_eval = self._run_epoch(bar) or last_eval
+            if not self._stop and last_eval.get("step") != state.step:
+                last_eval = self._evaluate_and_save()
+            self._save()
+        finally:
+            bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.tracker.finish()
+        if acc.is_main_process:
+            print(self._summary(last_eval))
+        return last_eval
+
+    def _run_epoch(self, bar: tqdm) -> dict:
+        """Train from the data position to the epoch end (or total_steps / stop); evaluate and save at its end."""
+        state, cfg = self.state, self.cfg
+        loader = train_loader(self.manifest, self.opts, epoch=state.epoch, rank=self.accelerator.process_index,
+                              world_size=self.world, per_rank_batch=self.per_rank_batch)
+        batches = itertools.islice(iter(loader), state.batch_in_epoch, None)  # reads and drops consumed batches
+        last_eval: dict = {}
+        window, tick = _Window(), time.perf_counter()
+        while state.batch_in_epoch < self.steps_per_epoch:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise TrainingError(f"epoch {state.epoch} gave {state.batch_in_epoch} batches, expected "
+                                    f"{self.steps_per_epoch}: did the shards change under the run?") from None
+            except Exception:
+                if self._signal is None:
+                    raise
+                self._stop = True  # the signal also killed the loader's workers; state is at a step boundary
+                return last_eval
+            loss = self._train_step(batch)
+            now = time.perf_counter()
+            window.add(now - tick, cfg.train.batch_size, loss)
+            bar.update(1)
+            if state.step % cfg.logging.every_steps == 0:
+                self.tracker.log(self._throughput(window), state.step)
+                bar.set_postfix(loss=f"{window.last_loss:.4f}", img_s=f"{window.images_per_s:.1f}")
+                window = _Window()
+            if self._stop:
+                self._save()
+                return last_eval
+            if state.batch_in_epoch == self.steps_per_epoch:
+                break
+            if cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
+                last_eval = self._evaluate_and_save()
+            elif cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+                self._save()
+            if state.step >= self.total_steps:
+                return last_eval
+            tick = time.perf_counter()
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        return self._evaluate_and_save()
+
+    def _train_step(self, batch) -> float | None:
+        """One global step on this rank's batch; returns the global mean loss, None if skipped as non-finite."""
+        acc, state, model, batch_size = self.accelerator, self.state, self.model, self.cfg.train.batch_size
+        images = batch.images.to(acc.device, non_blocking=True)  # (B, C, H, W)
+        labels = batch.labels.to(acc.device, non_blocking=True)  # (B,)
+        acts = model(images)  # (B, K)
+        loss, margin = self.loss_fn(acts, labels, state.step)
+        finite = bool(torch.isfinite(loss))
+        local = torch.tensor([0.0 if finite else 1.0, 1.0 if self._signal else 0.0,
+                              float((acts.argmax(1) == labels).sum()), loss.item() * len(labels) if finite else 0.0],
+                             dtype=torch.float64, device=acc.device)
+        nonfinite, stop, correct, loss_sum = acc.reduce(local, "sum").tolist()  # the step's one collective
+        lr = self.scheduler.get_last_lr()[0]
+        if nonfinite:  # every rank skips backward and update together
+            self.optimizer.zero_grad(set_to_none=True)
+            state.nonfinite_total += 1
+            self._nonfinite_run += 1
+            log.warning("step %d: non-finite loss on %d rank(s), step skipped (%d in a row)",
+                        state.step + 1, int(nonfinite), self._nonfinite_run)
+        else:
+            acc.backward(loss)
+            if self.cfg.optim.grad_clip > 0:
+                acc.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self._nonfinite_run = 0
+        self.scheduler.step()
+        state.step += 1
+        state.batch_in_epoch += 1
+        state.samples_seen += batch_size
+        self._stop = bool(stop)
+        mean_loss = None if nonfinite else loss_sum / batch_size
+        values = {"train/loss": mean_loss, "train/accuracy": correct / batch_size, "lr": lr,
+                  "epoch": state.epoch, "train/nonfinite_total": state.nonfinite_total}
+        if not math.isnan(margin):
+            values["margin"] = margin
+        self.tracker.log(values, state.step)
+        if self._nonfinite_run >= self.cfg.train.max_nonfinite:
+            raise TrainingError(f"{self._nonfinite_run} non-finite losses in a row at step {state.step}; lower "
+                                f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto")
+        return mean_loss
+
+    def _throughput(self, window: "_Window") -> dict:
+        values = {"perf/images_per_s": window.images_per_s, "perf/images_per_s_per_process": window.images_per_s / self.world,
+                  "perf/step_time_s": window.seconds / window.steps, "perf/peak_memory_mb": _peak_memory_mb(self.accelerator)}
+        stats = self.accelerator.unwrap_model(self.model).routing_stats()
+        for layer, layer_stats in stats.items():
+            for key, value in layer_stats.items():
+                values[f"routing/{layer}/{key}"] = value
+        return values
+
+    # ---------------------------------------------------------------- evaluation and checkpoints
+
+    def _evaluate_and_save(self) -> dict:
+        """Evaluate val (and test); log; write a step checkpoint; update `best` when it improved."""
+        state, cfg = self.state, self.cfg
+        model = self.accelerator.unwrap_model(self.model)
+        metrics: dict = {"step": state.step}
+        for split in ["val", "test"] if cfg.eval.test else ["val"]:
+            loader = eval_loader(self.manifest, self.opts, split, rank=self.accelerator.process_index,
+                                 world_size=self.world, per_rank_batch=self.eval_per_rank)
+            result = evaluate(self.accelerator, model, loader, self.loss_fn, state.step, len(self.classes),
+                              cfg.eval.misclassified_images)
+            metrics[f"{split}_accuracy"] = result["accuracy"]
+            self.tracker.log({f"{split}/accuracy": result["accuracy"], f"{split}/loss": result["loss"],
+                              f"{split}/count": result["count"]}, state.step)
+            self.tracker.log_eval_media(split, result, self.classes, state.step)
+        score = metrics[cfg.checkpoint.best_metric]
+        improved = score > state.best_metric
+        if improved:
+            state.best_metric, state.best_step = score, state.step
+        path = self._save()
+        if improved:
+            checkpoint.copy_to_best(self.accelerator, path)
+        return metrics
+
+    def _save(self) -> Path:
+        """Write the step checkpoint (once per step); NaN weights are refused."""
+        path = checkpoint.checkpoint_dir(self.run_dir) / f"step-{self.state.step:07d}"
+        if self._saved_step == self.state.step:
+            return path
+        checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
+        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
+        self._saved_step = self.state.step
+        return path
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signal.Signals(signum).name
+
+    def _summary(self, metrics: dict) -> str:
+        parts = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items() if k.endswith("accuracy")]
+        head = f"capsdist: stopped by {self._signal or 'a signal to another rank'}" if self._stop else "capsdist: done"
+        tail = f"; resume with --resume auto --run-dir {self.run_dir}" if self._stop else ""
+        return f"{head} at step {self.state.step} ({self.world} processes): {', '.join(parts) or 'no evaluation'}; " \
+               f"checkpoints in {checkpoint.checkpoint_dir(self.run_dir)}{tail}"
+
+
+class _Window:
+    """Step timings (data wait included) since the last throughput log."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.images, self.last_loss = 0, 0.0, 0, math.nan
+
+    def add(self, seconds: float, images: int, loss: float | None) -> None:
+        self.steps, self.seconds, self.images = self.steps + 1, self.seconds + seconds, self.images + images
+        self.last_loss = math.nan if loss is None else loss
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def _peak_memory_mb(accelerator: Accelerator) -> float:
+    if accelerator.device.type == "cuda":
+        return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _is_main_env() -> bool:
+    """Rank 0 before the Accelerator exists (torchrun/accelerate set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _diff(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys

@@ -1,0 +1,31 @@
+"""Evaluate a trained run: `python launch/evaluate.py --run-dir runs/quickstart [--checkpoint best] [--split test]`.
+
+Prints accuracy, per-class accuracy and the confusion matrix, and writes them to
+<run-dir>/eval-<checkpoint>-<split>.json. Under `accelerate launch` with several processes
+the numbers are exactly those of one process (each sample is counted once).
+"""
+
+import argparse
+import sys
+
+from capsdist.errors import CapsdistError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--checkpoint", default="best", metavar="best|latest|PATH")
+    parser.add_argument("--split", default="test", choices=["test", "val"])
+    args = parser.parse_args(argv)
+    try:
+        from capsdist.evaluate import evaluate_run
+
+        evaluate_run(args.run_dir, args.checkpoint, args.split)
+    except CapsdistError as err:
+        print(f"capsdist: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

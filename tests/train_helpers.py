@@ -1,0 +1,137 @@
+"""Shared fixtures and helpers of the trainer tests: tiny shards, a tiny run config, launching runs.
+
+Import the fixtures into a test module with `from train_helpers import tiny_config  # noqa: F401`.
+The tiny model (A=8, B=C=D=4, one routing iteration) on 320 + 64 Fashion-MNIST images makes a
+training step take a few milliseconds, so the tests measure the trainer, not the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
+MINI = REPO / "shards" / "fashion-mnist-mini"
+TRAIN, TEST, BATCH = 320, 64, 16  # tiny split sizes; val = 10% of TRAIN; global batch
+STEPS_PER_EPOCH = (TRAIN - TRAIN // 10) // BATCH  # 18
+
+TINY = {
+    "model": {"size": "small", "A": 8, "B": 4, "C": 4, "D": 4, "iterations": 1},
+    "data": {"dataset": "fashion-mnist", "prepare": "never", "val_fraction": 0.1, "num_workers": 0},
+    "optim": {"lr": 3e-3, "lr_decay_steps": 100},
+    "loss": {"max_margin_steps": 50},
+    "train": {"batch_size": BATCH, "epochs": 2},
+    "eval": {"batch_size": 32, "misclassified_images": 2},
+    "checkpoint": {"every_steps": 5, "keep_last": 2},
+    "logging": {"every_steps": 4, "wandb": {"mode": "disabled"}},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """320 train / 64 test Fashion-MNIST samples as shards (from the IDX files, else the mini set)."""
+    if not IDX_DIR.is_dir():
+        if not (MINI / "manifest.json").is_file():
+            pytest.skip(f"neither {IDX_DIR} nor {MINI} is available")
+        return MINI
+    from capsdist.data.shards import prepare
+
+    out = tmp_path_factory.mktemp("shards") / "fm-tiny"
+    prepare("fashion-mnist", out, source=IDX_DIR, subset={"train": TRAIN, "test": TEST}, shard_size=100,
+            log=lambda message: None)
+    return out
+
+
+@pytest.fixture
+def tiny_config(tiny_shards, tmp_path) -> Path:
+    """A run config file for the tiny model on the tiny shards; the run dir is tmp_path/run."""
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["shards"] = str(tiny_shards)
+    cfg["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
+    """The command line of launch/train.py on 1 process (python) or `procs` CPU processes (accelerate)."""
+    script = [str(REPO / "launch" / "train.py"), "--config", str(config), *args]
+    if procs == 1:
+        return [sys.executable, *script]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "--num_processes", str(procs),
+            "--main_process_port", str(free_port()), *script]
+
+
+def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """Run to completion in the repository root, output captured as text."""
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env())
+
+
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
+    """Start in the background (own process group), stdout and stderr to `log`."""
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_env(),
+                            start_new_session=True)
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def last_step(run_dir: Path) -> int:
+    return max((m["step"] for m in metrics(run_dir) if "train/loss" in m), default=0)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Training loss per global step; a step redone after a resume keeps its last value."""
+    return {m["step"]: m["train/loss"] for m in metrics(run_dir) if "train/loss" in m}
+
+
+def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 180) -> int:
+    """Poll metrics.jsonl until the run has logged `step` (returns the step seen); fails if it exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        seen = last_step(run_dir)
+        if seen >= step:
+            return seen
+        assert proc.poll() is None, f"run exited with {proc.returncode} before step {step}"
+        time.sleep(0.01)
+    raise AssertionError(f"run did not reach step {step} in {timeout}s")
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=60)
+
+
+def weights(checkpoint: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(checkpoint) / "model.safetensors")
+
+
+def train_state(checkpoint: Path) -> dict:
+    import torch
+
+    return torch.load(Path(checkpoint) / "custom_checkpoint_0.pkl", weights_only=False)
