@@ -37,7 +37,8 @@ Gritzman (2019), "Avoiding implementation pitfalls of matrix capsule networks wi
 
 The fast path: the M-step needs sum_i Ra V and sum_i Ra V^2, the E-step needs sum_h V^2 / sigma_sq and
 sum_h V mu / sigma_sq. With VV = [V, V^2] (N', O, I, 2P) built once, each is one batched matrix product
-that reads VV once, and autograd keeps VV alone (no per-iteration (V - mu)^2 tensors). To keep the expanded
+that reads VV once, only VV is kept for backward (no per-iteration (V - mu)^2 tensors), and the gradient of
+the votes is written once for all iterations (vote_tape.py). To keep the expanded
 squares exact enough in float32, votes are first centred on their unweighted mean over the children
 (routing is translation-equivariant: means shift, variances and assignments do not).
 """
@@ -49,6 +50,8 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from capsdist.model.vote_tape import TapedVotes
 
 P = 16
 DATA_SCALE = 100.0  # fix 3: an average parent receives about 100 units of R*a (Gritzman's setting)
@@ -90,8 +93,9 @@ def route(
 ) -> RoutingResult:
     """EM routing in the internal layout. Runs in float32 (float64 if given) whatever the autocast state.
 
-    V (N', O, I, P) votes; a_in (N', I); beta_u, beta_a (O,); log_R0 (N', O, I) initial log assignments
-    (uniform over each child's parents); `normalise` maps E-step log-likelihoods (N', O, I) to log R.
+    V (N', O, I, P) votes, or (N', O, I, 4, 4), in any strides and float dtype (read once, never copied);
+    a_in (N', I); beta_u, beta_a (O,); log_R0 (N', O, I) initial log assignments (uniform over each child's
+    parents); `normalise` maps E-step log-likelihoods (N', O, I) to log R.
     `alpha` is the moving average of poses across iterations (0 in the paper, 0.1 in the authors' code):
     mu_t = (1 - alpha) * mu_new + alpha * mu_(t-1).
     """
@@ -99,11 +103,11 @@ def route(
         raise ValueError(f"routing needs at least one iteration, got {iterations}")
     with torch.autocast(device_type=V.device.type, enabled=False):
         dtype = torch.promote_types(V.dtype, torch.float32)  # half types go up to float32, float64 stays
-        V, a_in, log_R0 = V.to(dtype), a_in.to(dtype), log_R0.to(dtype)
-        n, O, I, _ = V.shape
-        centre = V.mean(dim=2, keepdim=True)  # (N', O, 1, P)
-        Vc = V - centre
-        VV = torch.cat([Vc, Vc * Vc], dim=-1)  # (N', O, I, 2P)
+        a_in, log_R0 = a_in.to(dtype), log_R0.to(dtype)
+        n, O, I = V.shape[:3]
+        # Routing is translation-equivariant, so the centre can be a constant: no gradient flows through it.
+        centre = V.detach().mean(dim=2, keepdim=True, dtype=dtype)  # (N', O, 1, *pose)
+        votes = TapedVotes(V, centre)  # VV = [V - centre, (V - centre)^2] (N', O, I, 2P), gradient fused
         scale = DATA_SCALE * O / I  # fix 3
         a_scaled = (a_in * scale).unsqueeze(1)  # (N', 1, I)
         log_R = log_R0
@@ -112,7 +116,7 @@ def route(
             # M-step
             Ra = torch.exp(log_R) * a_scaled  # (N', O, I)
             sum_Ra = Ra.sum(dim=2)  # (N', O)
-            moments = torch.matmul(Ra.unsqueeze(2), VV).squeeze(2)  # (N', O, 2P): sum Ra V, sum Ra V^2
+            moments = votes.moments(Ra)  # (N', O, 2P): sum Ra V, sum Ra V^2
             denom = sum_Ra.unsqueeze(-1) + 1e-10
             mu_new = moments[..., :P] / denom  # (N', O, P)
             mu = mu_new if (mu is None or alpha == 0.0) else (1.0 - alpha) * mu_new + alpha * mu
@@ -127,11 +131,11 @@ def route(
                 break
             # E-step: sum_h (V - mu)^2 / sigma_sq = VV . [-2 mu / sigma_sq, 1 / sigma_sq] + sum_h mu^2 / sigma_sq
             inv = 1.0 / sigma_sq
-            coef = torch.cat([-2.0 * mu * inv, inv], dim=-1).unsqueeze(-1)  # (N', O, 2P, 1)
-            dist = torch.matmul(VV, coef).squeeze(-1) + (mu * mu * inv).sum(-1, keepdim=True)  # (N', O, I)
+            coef = torch.cat([-2.0 * mu * inv, inv], dim=-1)  # (N', O, 2P)
+            dist = votes.quadratic(coef) + (mu * mu * inv).sum(-1, keepdim=True)  # (N', O, I)
             log_p = -0.5 * dist.clamp_min(0.0) - 0.5 * log_sigma_sq.sum(-1, keepdim=True) - 0.5 * P * LOG_2PI
             log_R = normalise(log_p + F.logsigmoid(logit).unsqueeze(-1))  # log a_j, finite even where a_j underflows
-        poses = mu + centre.squeeze(2)
+        poses = mu + centre.reshape(n, O, P)
     return RoutingResult(poses, a_out, log_R)
 
 
