@@ -51,7 +51,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from capsdist.model.vote_tape import TapedVotes
+from capsdist.model.vote_tape import routed_votes
 
 P = 16
 DATA_SCALE = 100.0  # fix 3: an average parent receives about 100 units of R*a (Gritzman's setting)
@@ -107,7 +107,7 @@ def route(
         n, O, I = V.shape[:3]
         # Routing is translation-equivariant, so the centre can be a constant: no gradient flows through it.
         centre = V.detach().mean(dim=2, keepdim=True, dtype=dtype)  # (N', O, 1, *pose)
-        votes = TapedVotes(V, centre)  # VV = [V - centre, (V - centre)^2] (N', O, I, 2P), gradient fused
+        votes = routed_votes(V, centre)  # VV = [V - centre, (V - centre)^2] (N', O, I, 2P), gradient fused
         scale = DATA_SCALE * O / I  # fix 3
         a_scaled = (a_in * scale).unsqueeze(1)  # (N', 1, I)
         log_R = log_R0

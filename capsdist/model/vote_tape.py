@@ -125,3 +125,23 @@ class TapedVotes:
     def quadratic(self, coef: torch.Tensor) -> torch.Tensor:
         """coef (N', O, 2P) -> (N', O, I): sum over the 2P entries of VV * coef."""
         return _Quadratic.apply(self.VV, coef, self.tape)
+
+
+class PlainVotes:
+    """The same contractions in plain autograd ops, for torch.compile: the tape's side effects cannot be traced,
+    and inductor fuses the per-use gradients by itself."""
+
+    def __init__(self, V: torch.Tensor, centre: torch.Tensor):
+        Vc = V.flatten(3).to(centre.dtype) - centre.flatten(3)  # (N', O, I, P)
+        self.VV = torch.cat([Vc, Vc * Vc], dim=-1)  # (N', O, I, 2P)
+
+    def moments(self, Ra: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(Ra.unsqueeze(2), self.VV).squeeze(2)
+
+    def quadratic(self, coef: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.VV, coef.unsqueeze(-1)).squeeze(-1)
+
+
+def routed_votes(V: torch.Tensor, centre: torch.Tensor) -> TapedVotes | PlainVotes:
+    """VV and its contractions for one routing call: taped in eager mode, plain under torch.compile."""
+    return PlainVotes(V, centre) if torch.compiler.is_compiling() else TapedVotes(V, centre)
