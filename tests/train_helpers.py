@@ -91,7 +91,9 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def _env() -> dict:
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    """The runs' environment: unbuffered, one thread per process, and no W&B credentials (hermetic)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "NETRC": os.devnull}
 
 
 def metrics(run_dir: Path) -> list[dict]:

@@ -40,22 +40,25 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
     when it fails (offline), the DataError gives the exact prepare command to run by hand.
     The other ranks wait at a barrier and then read the same manifest.
     """
-    missing = "://" not in cfg.shards and not (Path(cfg.shards) / "manifest.json").is_file()
-    if missing and cfg.data.prepare == "auto":
-        error = None
-        if accelerator.is_main_process:
-            print(f"capsdist: no shards at {cfg.shards}: preparing {cfg.data.dataset} there (rank 0)")
-            try:
-                prepare(cfg.data.dataset, Path(cfg.shards))
-            except DataError as err:
-                error = DataError(f"{err}\ncould not prepare {cfg.data.dataset} automatically; run "
-                                  f"`{prepare_command(cfg.data.dataset, cfg.shards)}` (add --source DIR with "
-                                  "the raw files when offline), then start the run again")
-        accelerator.wait_for_everyone()
-        if error is not None:
-            raise error
-        if not accelerator.is_main_process and not (Path(cfg.shards) / "manifest.json").is_file():
-            raise DataError(f"{cfg.shards}: rank 0 could not prepare {cfg.data.dataset}; see its error")
+    if "://" in cfg.shards or (Path(cfg.shards) / "manifest.json").is_file():
+        return load_manifest(opts.shards)
+    command = prepare_command(cfg.data.dataset, cfg.shards)
+    if cfg.data.prepare == "never":
+        raise DataError(f"{cfg.shards}: no prepared {cfg.data.dataset} shards (no manifest.json); run `{command}` "
+                        "(or set data.prepare: auto to prepare them at the start of the run)")
+    error = None
+    if accelerator.is_main_process:
+        print(f"capsdist: no shards at {cfg.shards}: preparing {cfg.data.dataset} there (rank 0)")
+        try:
+            prepare(cfg.data.dataset, Path(cfg.shards))
+        except DataError as err:
+            error = DataError(f"{err}\ncould not prepare {cfg.data.dataset} automatically; run `{command}` "
+                              "(add --source DIR with the raw files when offline), then start the run again")
+    accelerator.wait_for_everyone()
+    if error is not None:
+        raise error
+    if not (Path(cfg.shards) / "manifest.json").is_file():
+        raise DataError(f"{cfg.shards}: rank 0 could not prepare {cfg.data.dataset}; see its error")
     return load_manifest(opts.shards)
 
 
