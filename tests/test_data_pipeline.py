@@ -231,6 +231,16 @@ def test_pipe_and_file_url_locations(norb):
         assert sorted(eval_indices(manifest, opts(location), "test")) == list(range(N_TEST))
 
 
+def test_loaders_pickle_for_spawned_workers(norb):
+    import pickle
+
+    path, _ = norb
+    manifest = load_manifest(path)
+    loader = train_loader(manifest, opts(path, num_workers=0), epoch=1, rank=0, world_size=1, per_rank_batch=4)
+    stream = pickle.loads(pickle.dumps(loader.loader.dataset))
+    assert [b.index.tolist() for b in stream] == [b.index.tolist() for b in loader]
+
+
 def test_transforms_match_the_paper(norb):
     path, raw = norb
     manifest = load_manifest(path)

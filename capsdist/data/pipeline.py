@@ -35,7 +35,7 @@ from webdataset import gopen
 
 from capsdist.data import plan as plans
 from capsdist.data.manifest import Manifest, load_manifest
-from capsdist.data.transforms import Transform, input_shape as _input_shape, make_transform
+from capsdist.data.transforms import SampleTransform, input_shape as _input_shape
 from capsdist.errors import DataError
 
 __all__ = ["DataOptions", "Batch", "load_manifest", "input_shape", "steps_per_epoch", "train_loader",
@@ -92,8 +92,8 @@ def train_loader(manifest: Manifest, opts: DataOptions, *, epoch: int, rank: int
     worker_plans = plans.train_plan(manifest, split, indices, seed=opts.seed, epoch=epoch, rank=rank,
                                     world_size=world_size, num_workers=opts.num_workers,
                                     per_rank_batch=per_rank_batch)
-    transform = make_transform(manifest, train=True, augment=opts.augment, channels=opts.channels,
-                               pad_crop=opts.pad_crop, seed=opts.seed, epoch=epoch)
+    transform = SampleTransform(manifest.dataset, train=True, augment=opts.augment, channels=opts.channels,
+                                pad_crop=opts.pad_crop, seed=opts.seed, epoch=epoch)
     stream = _Stream(manifest, split, worker_plans, transform, batch=per_rank_batch, train=True,
                      shuffle=(opts.seed, epoch, rank, opts.shuffle_buffer), skip_corrupt=opts.skip_corrupt,
                      start_batch=start_batch, shape=input_shape(manifest, opts))
@@ -116,8 +116,8 @@ def eval_loader(manifest: Manifest, opts: DataOptions, split: str, *, rank: int,
     source, indices = _select(manifest, opts, split)
     worker_plans = plans.eval_plan(manifest, source, indices, rank=rank, world_size=world_size,
                                    num_workers=opts.num_workers, per_rank_batch=per_rank_batch)
-    transform = make_transform(manifest, train=False, augment=False, channels=opts.channels,
-                               pad_crop=0, seed=opts.seed, epoch=0)
+    transform = SampleTransform(manifest.dataset, train=False, augment=False, channels=opts.channels,
+                                pad_crop=0, seed=opts.seed, epoch=0)
     stream = _Stream(manifest, source, worker_plans, transform, batch=per_rank_batch, train=False,
                      shuffle=None, skip_corrupt=opts.skip_corrupt, start_batch=0,
                      shape=input_shape(manifest, opts))
@@ -181,7 +181,7 @@ class _Stream(IterableDataset):
     """The batches of one rank; each DataLoader worker makes those of its own WorkerPlan."""
 
     def __init__(self, manifest: Manifest, split: str, worker_plans: list[plans.WorkerPlan],
-                 transform: Transform, *, batch: int, train: bool, shuffle: tuple | None, skip_corrupt: bool,
+                 transform: SampleTransform, *, batch: int, train: bool, shuffle: tuple | None, skip_corrupt: bool,
                  start_batch: int, shape: tuple[int, int, int]):
         self.manifest, self.split, self.plans, self.transform = manifest, split, worker_plans, transform
         self.batch, self.train, self.shuffle, self.skip_corrupt = batch, train, shuffle, skip_corrupt

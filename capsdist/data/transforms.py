@@ -13,7 +13,7 @@ resumed or re-sharded epoch augments every sample exactly as before.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,9 +25,6 @@ NORB_RESIZE, NORB_CROP = 48, 32
 MAX_BRIGHTNESS_DELTA = 0.4
 CONTRAST_RANGE = (0.0, 3.0)
 _TAG_AUGMENT = 0x415547
-
-Transform = Callable[[np.ndarray, int], torch.Tensor]  # (uint8 (V, H, W), sample index) -> float32 (C, h, w)
-
 
 def input_shape(manifest: Manifest, channels: str) -> tuple[int, int, int]:
     """(C, H, W) of the model input after the transforms."""
@@ -41,31 +38,40 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
     return (x - x.mean()) / x.std(correction=0).clamp_min(1.0 / x.numel() ** 0.5)
 
 
-def make_transform(manifest: Manifest, *, train: bool, augment: bool, channels: str, pad_crop: int,
-                   seed: int, epoch: int) -> Transform:
-    """The transform of one epoch of training (train=True) or of evaluation."""
-    randomize = train and augment
+@dataclass(frozen=True)
+class SampleTransform:
+    """The transform of one epoch of training (train=True) or of evaluation; picklable for any worker start method."""
 
-    def rng(index: int) -> np.random.Generator:
-        return np.random.default_rng([seed, epoch, index, _TAG_AUGMENT])
+    dataset: str
+    train: bool
+    augment: bool
+    channels: str
+    pad_crop: int
+    seed: int
+    epoch: int
 
-    def norb(views: np.ndarray, index: int) -> torch.Tensor:
-        x = torch.from_numpy(views[:1] if channels == "left" else views).float().div_(255)
+    def __call__(self, views: np.ndarray, index: int) -> torch.Tensor:
+        """uint8 (V, H, W) of sample `index` -> float32 (C, h, w)."""
+        return self._norb(views, index) if self.dataset == "smallnorb" else self._mnist(views, index)
+
+    def _rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch, index, _TAG_AUGMENT])
+
+    def _norb(self, views: np.ndarray, index: int) -> torch.Tensor:
+        x = torch.from_numpy(views[:1] if self.channels == "left" else views).float().div_(255)
         x = standardize(TF.resize(x, [NORB_RESIZE, NORB_RESIZE], antialias=True))  # (C, 48, 48)
-        if not randomize:
+        if not (self.train and self.augment):
             return TF.center_crop(x, [NORB_CROP, NORB_CROP])
-        g = rng(index)
+        g = self._rng(index)
         top, left = g.integers(0, NORB_RESIZE - NORB_CROP + 1, size=2)
         x = TF.crop(x, int(top), int(left), NORB_CROP, NORB_CROP)  # (C, 32, 32)
         x = x + g.uniform(-MAX_BRIGHTNESS_DELTA, MAX_BRIGHTNESS_DELTA)
         mean = x.mean(dim=(-2, -1), keepdim=True)
         return (x - mean) * g.uniform(*CONTRAST_RANGE) + mean
 
-    def mnist(views: np.ndarray, index: int) -> torch.Tensor:
+    def _mnist(self, views: np.ndarray, index: int) -> torch.Tensor:
         x = torch.from_numpy(views).float().div_(255)  # (1, 28, 28)
-        if randomize and pad_crop > 0:
-            top, left = rng(index).integers(0, 2 * pad_crop + 1, size=2)
-            x = TF.crop(TF.pad(x, [pad_crop]), int(top), int(left), x.shape[-2], x.shape[-1])
+        if self.train and self.augment and self.pad_crop > 0:
+            top, left = self._rng(index).integers(0, 2 * self.pad_crop + 1, size=2)
+            x = TF.crop(TF.pad(x, [self.pad_crop]), int(top), int(left), x.shape[-2], x.shape[-1])
         return standardize(x)
-
-    return norb if manifest.dataset == "smallnorb" else mnist
