@@ -187,9 +187,16 @@ def test_truncated_shard_errors_by_default_and_counts_skips(norb, tmp_path):
     lost = set(range(shard.first_index, shard.first_index + shard.num_samples)) - set(real)
     assert 0 < len(lost) < shard.num_samples and len(batches) == len(loader)
     assert loader.skipped == sum(b.skipped for b in batches) == len(lost)
-    train = list(train_loader(manifest, opts(broken, skip_corrupt=True, val_strategy="test"), epoch=0, rank=0,
-                              world_size=1, per_rank_batch=5))
-    assert len(train) == N_TRAIN // 5
+    train_shard = manifest.splits["train"].shards[2]
+    data = (broken / train_shard.name).read_bytes()
+    (broken / train_shard.name).write_bytes(data[:len(data) // 3])
+    train = train_loader(manifest, opts(broken, skip_corrupt=True, val_strategy="test"), epoch=0, rank=0,
+                         world_size=1, per_rank_batch=5)
+    batches = list(train)
+    assert len(batches) == N_TRAIN // 5 and all(b.index.shape == (5,) for b in batches)
+    distinct = set(indices(batches))
+    assert 0 < train.skipped < train_shard.num_samples
+    assert len(distinct) + train.skipped == N_TRAIN  # every slot of a lost sample holds a repeat of a good one
 
 
 def test_corrupt_member_named_and_skipped(norb, tmp_path):

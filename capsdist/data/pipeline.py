@@ -157,14 +157,22 @@ class EpochLoader:
 
 
 def _plain_errors(loader: DataLoader) -> Iterator[Batch]:
-    """Iterate `loader`, turning a worker's DataError (wrapped with its traceback by torch) back into its message."""
+    """Iterate `loader`, turning a worker's DataError (wrapped with its traceback by torch) back into its message.
+
+    Workers are shut down as soon as iteration stops (error or early exit): an iterator left to the
+    garbage collector would be inherited by the next loader's forked workers, which cannot join it.
+    """
+    it = iter(loader)
     try:
-        yield from loader
+        yield from it
     except DataError as exc:
         text = str(exc)
         if "Original Traceback" not in text:
             raise
         raise DataError(text.rsplit("DataError: ", 1)[-1].strip()) from None
+    finally:
+        if hasattr(it, "_shutdown_workers"):  # multi-process iterator (torch private, idempotent)
+            it._shutdown_workers()
 
 
 class _Record(NamedTuple):
@@ -195,7 +203,7 @@ class _Stream(IterableDataset):
         if self.shuffle is not None:
             seed, epoch, rank, size = self.shuffle
             records = _shuffled(records, size, np.random.default_rng([seed, epoch, rank, worker, _TAG_SHUFFLE]))
-        self.skipped, last_good = 0, None
+        self.skipped, recent = 0, []
         for k in range(plan.num_batches):
             chunk = list(itertools.islice(records, self.batch))
             if k * num_workers + worker < self.start_batch:  # resuming: read past it, do not decode
@@ -203,7 +211,7 @@ class _Stream(IterableDataset):
                             self._take_skipped())
                 continue
             rows = [self._decode(r) for r in chunk] + [None] * (self.batch - len(chunk))
-            last_good = self._fill(rows, last_good)
+            recent = self._fill(rows, recent)
             yield Batch(torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows]),
                         torch.tensor([r[2] for r in rows]), self._take_skipped())
 
@@ -211,20 +219,24 @@ class _Stream(IterableDataset):
         n, self.skipped = self.skipped, 0
         return n
 
-    def _fill(self, rows: list, last_good):
-        """Fill empty rows (corrupt in skip mode, or eval padding): training repeats a good row, eval pads."""
+    def _fill(self, rows: list, recent: list) -> list:
+        """Fill empty rows (corrupt in skip mode, or eval padding); return the good rows to fill from next.
+
+        Training repeats good rows of this batch, or of the last batch that had some; eval pads.
+        """
         good = [r for r in rows if r is not None]
+        pool = good or recent
         for i, row in enumerate(rows):
             if row is not None:
                 continue
             if not self.train:
                 rows[i] = (torch.zeros(self.shape), -1, -1)
-            elif good or last_good is not None:
-                rows[i] = good[i % len(good)] if good else last_good
+            elif pool:
+                rows[i] = pool[i % len(pool)]
             else:
                 raise DataError(f"{self.split}: no readable sample to fill a training batch (skip_corrupt); "
                                 f"prepare the dataset again: {self.manifest.prepare_command()}")
-        return good[-1] if good else last_good
+        return pool
 
     def _decode(self, record: _Record):
         """(image float32 (C, H, W), label, index) of a record; None when corrupt in skip mode."""
