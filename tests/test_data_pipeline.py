@@ -19,7 +19,7 @@ from capsdist.data.pipeline import (DataOptions, eval_loader, input_shape, load_
                                     train_loader)
 from capsdist.data.plan import TRAIN_AZIMUTHS, TRAIN_ELEVATIONS
 from capsdist.data.transforms import standardize
-from capsdist.errors import DataError
+from capsdist.errors import ConfigError, DataError
 from test_data_formats import make_norb_source, trust
 
 N_TRAIN, N_TEST, SHARD = 90, 45, 13  # 7 train shards (odd, last one short), 4 test shards
@@ -253,6 +253,8 @@ def test_transforms_match_the_paper(norb):
     manifest = load_manifest(path)
     assert input_shape(manifest, opts(path)) == (2, 32, 32)
     assert input_shape(manifest, opts(path, channels="left")) == (1, 32, 32)
+    with pytest.raises(ConfigError, match="channels 'right'"):
+        input_shape(manifest, opts(path, channels="right"))
     batch = next(iter(eval_loader(manifest, opts(path), "test", rank=0, world_size=1, per_rank_batch=2)))
     src = src_of(path, manifest, "test", int(batch.index[0]))
     views = torch.from_numpy(raw["test"]["images"][src]).float() / 255

@@ -36,7 +36,7 @@ from webdataset import gopen
 from capsdist.data import plan as plans
 from capsdist.data.manifest import Manifest, load_manifest
 from capsdist.data.transforms import SampleTransform, input_shape as _input_shape
-from capsdist.errors import DataError
+from capsdist.errors import ConfigError, DataError
 
 __all__ = ["DataOptions", "Batch", "load_manifest", "input_shape", "steps_per_epoch", "train_loader",
            "eval_loader", "EpochLoader"]
@@ -68,6 +68,8 @@ class Batch(NamedTuple):
 
 def input_shape(manifest: Manifest, opts: DataOptions) -> tuple[int, int, int]:
     """(C, H, W) of the model input; the number of classes is len(manifest.classes)."""
+    if opts.channels not in ("both", "left"):
+        raise ConfigError(f"channels {opts.channels!r}: expected both or left")
     return _input_shape(manifest, opts.channels)
 
 
@@ -98,6 +100,8 @@ def train_loader(manifest: Manifest, opts: DataOptions, *, epoch: int, rank: int
                      shuffle=(opts.seed, epoch, rank, opts.shuffle_buffer), skip_corrupt=opts.skip_corrupt,
                      start_batch=start_batch, shape=input_shape(manifest, opts))
     total = sum(p.num_batches for p in worker_plans)
+    if not 0 <= start_batch <= total:
+        raise DataError(f"start_batch {start_batch} outside the epoch's 0..{total} batches")
     return EpochLoader(stream, opts.num_workers, total - start_batch, f"train epoch {epoch} rank {rank}")
 
 
