@@ -1,0 +1,114 @@
+"""CapsNet shapes at every layer, presets, parameter counts, input validation, routing statistics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capsdist.model import PRESETS, CapsNet
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: the shapes are tiny, and on a busy 2-core machine two OpenMP threads spin against
+    other processes (measured 3.4 s with one thread vs 21.7 s with two for the overfit test under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# input size -> spatial size after ReLUConv, PrimaryCaps, ConvCaps1, ConvCaps2
+SIZES = {32: (14, 14, 6, 4), 28: (12, 12, 5, 3)}
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("size", [28, 32])
+@pytest.mark.parametrize("preset", ["full", "small"])
+def test_shapes_at_every_layer(preset, size, channels):
+    A, B, C, D = (PRESETS[preset][k] for k in "ABCD")
+    k, n = 5, (1 if preset == "full" else 2)  # full preset: one image keeps the test fast
+    torch.manual_seed(0)
+    model = CapsNet.from_preset(preset, in_channels=channels, input_size=size, num_classes=k, iterations=1)
+    h1, h2, h3, h4 = SIZES[size]
+    x = torch.randn(n, channels, size, size)
+    with torch.no_grad():
+        feats = model.relu_conv(x)
+        assert feats.shape == (n, A, h1, h1)
+        assert (feats >= 0).all()
+        poses, acts = model.primary_caps(feats)
+        assert poses.shape == (n, B, 16, h2, h2) and acts.shape == (n, B, h2, h2)
+        poses, acts = model.conv_caps1(poses, acts)
+        assert poses.shape == (n, C, 16, h3, h3) and acts.shape == (n, C, h3, h3)
+        poses, acts = model.conv_caps2(poses, acts)
+        assert poses.shape == (n, D, 16, h4, h4) and acts.shape == (n, D, h4, h4)
+        class_poses, class_acts = model.class_caps(poses, acts)
+        assert class_poses.shape == (n, k, 16) and class_acts.shape == (n, k)
+        # the full forward gives the same as the layers in sequence
+        acts2, poses2 = model(x, return_poses=True)
+        acts_only = model(x) if preset == "small" else acts2
+    assert acts_only.shape == (n, k) and acts2.shape == (n, k) and poses2.shape == (n, k, 16)
+    torch.testing.assert_close(acts_only, class_acts)
+    torch.testing.assert_close(acts2, class_acts)
+    torch.testing.assert_close(poses2, class_poses)
+    assert acts_only.dtype == torch.float32
+    assert ((acts_only > 0) & (acts_only < 1)).all()
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset,paper", [("full", 310_000), ("small", 68_000)])
+def test_parameter_counts_match_the_paper(preset, paper):
+    model = CapsNet.from_preset(preset, in_channels=1, input_size=32, num_classes=5)
+    assert abs(_count(model) - paper) <= 0.03 * paper, _count(model)
+
+
+def test_presets_and_widths():
+    assert PRESETS["full"] == {"A": 32, "B": 32, "C": 32, "D": 32}
+    assert PRESETS["small"] == {"A": 64, "B": 8, "C": 16, "D": 16}
+    with pytest.raises(ValueError):
+        CapsNet.from_preset("huge", num_classes=5)
+    # parameter count depends on the channels and classes in the expected places only
+    base = _count(CapsNet.from_preset("small", in_channels=1, num_classes=5))
+    assert _count(CapsNet.from_preset("small", in_channels=2, num_classes=5)) == base + 64 * 25  # conv weights
+    assert _count(CapsNet.from_preset("small", in_channels=1, num_classes=6)) == base + 16 * 16 + 2  # W, betas
+    # the input size does not change the parameters (weights shared over positions)
+    assert _count(CapsNet.from_preset("small", in_channels=1, input_size=28, num_classes=5)) == base
+
+
+def test_too_small_input_raises():
+    with pytest.raises(ValueError):
+        CapsNet.from_preset("small", num_classes=5, input_size=16)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28, iterations=1)
+    with pytest.raises(ValueError):
+        model(torch.randn(1, 1, 16, 16))  # too small for ConvCaps2
+    with pytest.raises(ValueError):
+        model(torch.randn(1, 2, 28, 28))  # wrong number of channels
+    with pytest.raises(ValueError):
+        model(torch.randn(1, 28, 28))  # not 4-d
+
+
+def test_class_caps_geometry_is_the_receptive_field_centre():
+    """ClassCaps gets the receptive-field centres of ConvCaps2's positions in input pixels: 32x32 input,
+    stride 2 * 1 * 2 * 1 = 4 pixels per position, first centre at (5-1)/2 + 2*(3-1)/2 + 4*(3-1)/2 + 0.5."""
+    model = CapsNet.from_preset("small", num_classes=5, input_size=32)
+    assert model.class_caps.centre_scale == pytest.approx((4.0, 2.0 + 2.0 + 4.0 + 0.5))
+    assert model.class_caps.input_size == 32
+
+
+def test_routing_stats_after_forward():
+    torch.manual_seed(0)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28, iterations=2)
+    with torch.no_grad():
+        model(torch.randn(2, 1, 28, 28))
+    stats = model.routing_stats()
+    assert set(stats) == {"convcaps1", "convcaps2", "classcaps"}
+    for name, layer_stats in stats.items():
+        assert set(layer_stats) == {"mean_activation", "assignment_entropy"}
+        assert all(type(v) is float for v in layer_stats.values())
+        assert 0.0 < layer_stats["mean_activation"] < 1.0
+        assert layer_stats["assignment_entropy"] >= 0.0
+    # ClassCaps: each child spreads over 5 classes, entropy at most log 5
+    assert stats["classcaps"]["assignment_entropy"] <= torch.log(torch.tensor(5.0)).item() + 1e-5

@@ -1,0 +1,45 @@
+"""The small model can learn: it overfits one small batch in a few dozen steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from capsdist.loss import spread_loss
+from capsdist.model import CapsNet
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: the shapes are tiny, and on a busy 2-core machine two OpenMP threads spin against
+    other processes (measured 3.4 s with one thread vs 21.7 s with two for the overfit test under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_small_model_overfits_one_batch():
+    """Small preset (3 routing iterations), 5 fixed random 28x28 images with 5 distinct labels, Adam at lr 3e-2,
+    spread loss with a fixed margin of 0.5: within 30 steps the loss falls by more than half and every image
+    is classified right. (Measured over 6 seeds: loss ~1.0 -> <= 0.08, accuracy 1.0 from step ~22 at most.
+    At lr 3e-3 the same model stays at 20% accuracy for 100 steps: its class activations start near 1,
+    where the logistic is flat; see the test report.)"""
+    torch.manual_seed(0)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28)
+    images = torch.randn(5, 1, 28, 28)
+    labels = torch.arange(5)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    losses = []
+    for _ in range(30):
+        loss = spread_loss(model(images), labels, 0.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        acts = model(images)
+    final = spread_loss(acts, labels, 0.5).item()
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert final <= 0.5 * losses[0], losses
+    assert (acts.argmax(1) == labels).all(), acts
