@@ -29,11 +29,11 @@ def m_step(R, a_in, V, beta_u, beta_a, lam, scale, variance_floor, mu_prev, alph
     """One M-step. R (N', O, I), a_in (N', I), V (N', O, I, P) -> mu, sigma_sq (N', O, P), a_out (N', O)."""
     Ra = R * a_in[:, None, :] * scale  # (N', O, I), fix 3 data scale
     sum_Ra = Ra.sum(dim=2)  # (N', O)
-    mu = (Ra[..., None] * V).sum(dim=2) / (sum_Ra[..., None] + 1e-10)  # (N', O, P)
+    mu = (Ra[..., None] * V).sum(dim=2) / sum_Ra[..., None].clamp_min(1e-10)  # (N', O, P)
     if mu_prev is not None:
         mu = (1.0 - alpha) * mu + alpha * mu_prev  # moving average of poses across iterations
     diff_sq = (V - mu[:, :, None, :]) ** 2  # (N', O, I, P)
-    sigma_sq = (Ra[..., None] * diff_sq).sum(dim=2) / (sum_Ra[..., None] + 1e-10) + variance_floor  # fix 2
+    sigma_sq = (Ra[..., None] * diff_sq).sum(dim=2) / sum_Ra[..., None].clamp_min(1e-10) + variance_floor  # fix 2
     log_sigma = 0.5 * torch.log(sigma_sq)
     cost = (beta_u[:, None] + log_sigma) * sum_Ra[..., None]  # (N', O, P)
     a_out = torch.sigmoid(lam * (beta_a - cost.sum(dim=-1)))  # (N', O)

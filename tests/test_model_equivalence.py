@@ -1,9 +1,7 @@
 """The fast routing layers against the plain reference in tests/reference_routing.py, forward and gradients.
 
 Two comparisons per layer:
-- float64 fast path vs float64 reference, to 1e-9: the same maths (the only differences are rounding and the
-  1e-10 guard in the M-step denominator, which the fast path applies to centred votes; ClassCaps offsets that
-  are not exact in float32 get 1e-7, see test_classcaps_matches_reference).
+- float64 fast path vs float64 reference, to 1e-9: the same maths, only rounded differently.
 - float32 fast path vs the float64 reference, to rtol 1e-5 with atol 1e-5 (outputs are O(1)) and, for
   gradients, atol 2e-5 x the tensor's largest entry: the float32 layer is accurate. (Measured: errors are
   <= 5e-6 of each tensor's scale; single small gradient entries can be off by 1e-3 of themselves, because
@@ -138,12 +136,7 @@ def test_classcaps_matches_reference(coord_add, centre_scale, input_size, dtype)
 
     fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype)
     if dtype == torch.float64:
-        # ClassCaps.coordinates builds the offsets in float32 whatever the vote dtype, so offsets that are not
-        # exact in float32 (e.g. 9.5 / 28) carry ~1e-8 errors into the float64 path; hence atol 1e-7 there.
-        exact = centre_scale == (1.0, 0.5) and input_size == 1
-        tol = 1e-9 if exact else 1e-7
-        _check(fast, fast_grads, ref, ref_grads, rtol=tol, atol=tol, grad_rtol=1e-7 if exact else 1e-5,
-               grad_atol_rel=1e-8 if exact else 1e-6)
+        _check(fast, fast_grads, ref, ref_grads, rtol=1e-9, atol=1e-9, grad_rtol=1e-7, grad_atol_rel=1e-8)
     else:
         _check(fast, fast_grads, ref, ref_grads, rtol=1e-5, atol=1e-5, grad_rtol=1e-5, grad_atol_rel=2e-5)
 

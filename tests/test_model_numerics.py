@@ -189,12 +189,6 @@ def test_bfloat16_autocast_forward_backward(monkeypatch):
     torch.testing.assert_close(acts.detach(), ref, rtol=0, atol=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG layers.py ConvCaps.forward: log_R0 is built from `fan_in = self._fold(torch.ones_like("
-    "self._unfold(activations[:1, :1])))`, i.e. in the activations' dtype; under bfloat16 autocast the "
-    "primary-capsule activations are bfloat16, so -log(fan_in * O) is rounded to bfloat16 (e.g. -log 64 = "
-    "-4.1589 -> -4.15625) and the initial assignments of ConvCaps1 no longer sum to 1 (off by ~0.3%). "
-    "Fix: build fan_in / log_R0 in float32, e.g. torch.ones(1, 1, h, w, dtype=torch.float32)."))
 def test_bfloat16_autocast_initial_assignments_are_float32_exact(monkeypatch):
     rec = DtypeRecorder(monkeypatch)
     torch.manual_seed(0)

@@ -82,11 +82,6 @@ def test_zero_activation_children_have_no_influence():
                               em_routing(changed, a_on, beta_u, beta_a, iterations=3)[0], atol=1e-3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG routing.py route(): votes are centred on their UNWEIGHTED mean over all children, so inactive "
-    "children with far-off votes move the centre and the expanded-square moments E[Vc^2] - mu^2 lose float32 "
-    "precision (offset 1e3 -> poses change by ~0.2, a_out by ~0.03; offset 1e4 -> poses off by ~5e3). "
-    "Fix: centre on the activation-weighted mean sum_i a_i V_i / sum_i a_i (unweighted where sum a = 0)."))
 def test_zero_activation_children_with_far_votes_have_no_influence():
     votes, a_in, beta_u, beta_a = _problem(2, n=4, i=12, o=3)
     a_in[:, :4] = 0.0

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from capsdist.model.routing import P, RoutingResult, normalise_over_parents, route
+from capsdist.model.routing import P, RoutingResult, normalise_over_parents, route, routing_dtype
 
 WEIGHT_STD = 0.5  # 4x4 transforms: a vote entry sums 4 products, so std 1/sqrt(4) keeps pose scale
 
@@ -196,7 +196,8 @@ class ConvCaps(CapsuleLayer):
                              f"{self.kernel}, got {h}x{w}: use a larger input size or fewer layers")
         V = self.votes(poses)  # (N', O, I, P)
         a_in = self._to_routing(self._unfold(activations))  # (N', I)
-        fan_in = self._fold(torch.ones_like(self._unfold(activations[:1, :1])), (h, w))  # (1, 1, H, W) windows per child
+        ones = torch.ones(1, 1, h, w, dtype=routing_dtype(V), device=poses.device)  # float32 also under autocast
+        fan_in = self._fold(self._unfold(ones), (h, w))  # (1, 1, H, W): windows holding each child
         uniform = self._unfold(-torch.log(fan_in.clamp_min(1.0) * o)).expand(n, t, -1, -1)  # (N, T, KK, L)
         log_R0 = self._to_routing(uniform).unsqueeze(1).expand(-1, o, -1)  # (N', O, I): 1 / (O * windows)
 
@@ -244,12 +245,12 @@ class ClassCaps(CapsuleLayer):
         """Called by CapsNet: the receptive-field centre of child position j is a * j + b input pixels."""
         self.centre_scale, self.input_size = centre_scale, input_size
 
-    def coordinates(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+    def coordinates(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(H * W, 16) offsets: scaled row at pose [0, 3], scaled column at [1, 3] (flat entries 3 and 7)."""
         a, b = self.centre_scale
-        rows = (a * torch.arange(h, device=device, dtype=torch.float32) + b) / self.input_size
-        cols = (a * torch.arange(w, device=device, dtype=torch.float32) + b) / self.input_size
-        offsets = torch.zeros(h, w, 4, 4, device=device)
+        rows = (a * torch.arange(h, device=device, dtype=dtype) + b) / self.input_size
+        cols = (a * torch.arange(w, device=device, dtype=dtype) + b) / self.input_size
+        offsets = torch.zeros(h, w, 4, 4, device=device, dtype=dtype)
         offsets[:, :, 0, 3] = rows[:, None]
         offsets[:, :, 1, 3] = cols[None, :]
         return offsets.view(h * w, P)
@@ -262,7 +263,7 @@ class ClassCaps(CapsuleLayer):
         W = pose_transform_matrix(self.weight)  # (T, 16, O*16)
         V = torch.bmm(M, W.to(M.dtype)).view(t, n, h * w, o, P).permute(1, 3, 0, 2, 4)  # (N, O, T, HW, 16)
         if self.coord_add:
-            V = V + self.coordinates(h, w, poses.device).to(V.dtype)  # (HW, 16) broadcast
+            V = V + self.coordinates(h, w, poses.device, V.dtype)  # (HW, 16) broadcast
         return V.flatten(2, 3)
 
     def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,7 +271,7 @@ class ClassCaps(CapsuleLayer):
         o = self.out_types
         V = self.votes(poses)  # (N, O, I, P)
         a_in = activations.reshape(n, t * h * w)  # (N, I), ordered (type, row, column)
-        log_R0 = V.new_full((n, o, t * h * w), -math.log(o), dtype=torch.float32)
+        log_R0 = V.new_full((n, o, t * h * w), -math.log(o), dtype=routing_dtype(V))
         result = self._route(V, a_in, log_R0, normalise_over_parents)
         with torch.no_grad():
             self._record(result.a_out, -(result.log_R.exp() * result.log_R).sum(1))

@@ -68,6 +68,11 @@ class RoutingResult(NamedTuple):
     log_R: torch.Tensor
 
 
+def routing_dtype(V: torch.Tensor) -> torch.dtype:
+    """The dtype routing computes in: float32 for half-precision votes, else the votes' own (float32/64)."""
+    return torch.promote_types(V.dtype, torch.float32)
+
+
 def normalise_over_parents(log_p: torch.Tensor) -> torch.Tensor:
     """Fully connected E-step normalisation: log softmax over parents. log_p (N', O, I) -> log R (N', O, I)."""
     return log_p - torch.logsumexp(log_p, dim=1, keepdim=True)
@@ -93,7 +98,7 @@ def route(
 ) -> RoutingResult:
     """EM routing in the internal layout. Runs in float32 (float64 if given) whatever the autocast state.
 
-    V (N', O, I, P) votes, or (N', O, I, 4, 4), in any strides and float dtype (read once, never copied);
+    V (N', O, I, P) votes in any strides and float dtype (read once to centre, once to build VV, never copied);
     a_in (N', I); beta_u, beta_a (O,); log_R0 (N', O, I) initial log assignments (uniform over each child's
     parents); `normalise` maps E-step log-likelihoods (N', O, I) to log R.
     `alpha` is the moving average of poses across iterations (0 in the paper, 0.1 in the authors' code):
@@ -102,11 +107,15 @@ def route(
     if iterations < 1:
         raise ValueError(f"routing needs at least one iteration, got {iterations}")
     with torch.autocast(device_type=V.device.type, enabled=False):
-        dtype = torch.promote_types(V.dtype, torch.float32)  # half types go up to float32, float64 stays
+        dtype = routing_dtype(V)
         a_in, log_R0 = a_in.to(dtype), log_R0.to(dtype)
         n, O, I = V.shape[:3]
         # Routing is translation-equivariant, so the centre can be a constant: no gradient flows through it.
-        centre = V.detach().mean(dim=2, keepdim=True, dtype=dtype)  # (N', O, 1, *pose)
+        # It is the a_in-weighted mean vote, so inactive children's votes, however far, cannot move it.
+        with torch.no_grad():
+            total = a_in.sum(dim=1, keepdim=True)  # (N', 1)
+            weights = torch.where(total > 0, a_in / total.clamp_min(1e-30), 1.0 / I)  # (N', I)
+            centre = torch.einsum("ni,noip->nop", weights, V.to(dtype) if V.dtype != dtype else V)  # (N', O, P)
         votes = routed_votes(V, centre)  # VV = [V - centre, (V - centre)^2] (N', O, I, 2P), gradient fused
         scale = DATA_SCALE * O / I  # fix 3
         a_scaled = (a_in * scale).unsqueeze(1)  # (N', 1, I)
@@ -117,7 +126,7 @@ def route(
             Ra = torch.exp(log_R) * a_scaled  # (N', O, I)
             sum_Ra = Ra.sum(dim=2)  # (N', O)
             moments = votes.moments(Ra)  # (N', O, 2P): sum Ra V, sum Ra V^2
-            denom = sum_Ra.unsqueeze(-1) + 1e-10
+            denom = sum_Ra.unsqueeze(-1).clamp_min(1e-10)  # a guard for parents with no data, exact otherwise
             mu_new = moments[..., :P] / denom  # (N', O, P)
             mu = mu_new if (mu is None or alpha == 0.0) else (1.0 - alpha) * mu_new + alpha * mu
             # E[(V - mu)^2] = E[V^2] - 2 mu E[V] + mu^2 (exact for any mu, also when alpha moves mu off the mean)
@@ -135,7 +144,7 @@ def route(
             dist = votes.quadratic(coef) + (mu * mu * inv).sum(-1, keepdim=True)  # (N', O, I)
             log_p = -0.5 * dist.clamp_min(0.0) - 0.5 * log_sigma_sq.sum(-1, keepdim=True) - 0.5 * P * LOG_2PI
             log_R = normalise(log_p + F.logsigmoid(logit).unsqueeze(-1))  # log a_j, finite even where a_j underflows
-        poses = mu + centre.reshape(n, O, P)
+        poses = mu + centre
     return RoutingResult(poses, a_out, log_R)
 
 
@@ -161,7 +170,7 @@ def em_routing(
     if a_in.shape != (n, I):
         raise ValueError(f"a_in must be (N, I) = {(n, I)}, got {tuple(a_in.shape)}")
     V = votes.transpose(1, 2)  # (N, O, I, P)
-    log_R0 = torch.full((n, O, I), -math.log(O), dtype=torch.float32, device=votes.device)  # uniform 1/O
+    log_R0 = torch.full((n, O, I), -math.log(O), dtype=routing_dtype(votes), device=votes.device)  # uniform 1/O
     result = route(
         V, a_in, beta_u, beta_a, log_R0, normalise_over_parents,
         iterations=iterations, final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,

@@ -44,18 +44,17 @@ def _token(VV: torch.Tensor) -> torch.Tensor:
 
 
 class _Entry(Function):
-    """VV = [V - c, (V - c)^2] (N', O, I, 2P) from votes V (N', O, I, *pose), any strides or float dtype;
-    its backward turns the tape into dV with one batched matmul."""
+    """VV = [V - c, (V - c)^2] (N', O, I, 2P) from votes V (N', O, I, P) in any strides or float dtype and a
+    centre c (N', O, P); its backward turns the tape into dV with one batched matmul."""
 
     @staticmethod
     def forward(ctx, V, centre, tape):
-        n, o, i, *pose = V.shape
-        VV = torch.empty(n, o, i, 2, *pose, dtype=centre.dtype, device=V.device)
-        Vc, Vc_sq = VV[:, :, :, 0], VV[:, :, :, 1]
-        torch.sub(V, centre, out=Vc)  # reads V in whatever layout the vote matmul left it; no copy
+        n, o, i, p = V.shape
+        VV = torch.empty(n, o, i, 2 * p, dtype=centre.dtype, device=V.device)
+        Vc, Vc_sq = VV[..., :p], VV[..., p:]
+        torch.sub(V, centre.unsqueeze(2), out=Vc)  # reads V in whatever layout the vote matmul left it
         torch.mul(Vc, Vc, out=Vc_sq)
-        VV = VV.view(n, o, i, -1)
-        ctx.tape, ctx.pose = tape, V.shape[3:]
+        ctx.tape = tape
         ctx.save_for_backward(VV)
         return VV
 
@@ -70,7 +69,7 @@ class _Entry(Function):
         tape.rights.clear()
         dV = torch.matmul(left, right[..., :p])  # (N', O, I, P)
         dV.addcmul_(VV[..., :p], torch.matmul(left, right[..., p:]), value=2.0)
-        return dV.view(*dV.shape[:3], *ctx.pose), None, None  # autograd casts to V's dtype if it differs
+        return dV, None, None  # autograd casts dV to V's dtype where they differ
 
 
 class _Moments(Function):
@@ -132,7 +131,7 @@ class PlainVotes:
     and inductor fuses the per-use gradients by itself."""
 
     def __init__(self, V: torch.Tensor, centre: torch.Tensor):
-        Vc = V.flatten(3).to(centre.dtype) - centre.flatten(3)  # (N', O, I, P)
+        Vc = V.to(centre.dtype) - centre.unsqueeze(2)  # (N', O, I, P)
         self.VV = torch.cat([Vc, Vc * Vc], dim=-1)  # (N', O, I, 2P)
 
     def moments(self, Ra: torch.Tensor) -> torch.Tensor:
