@@ -59,6 +59,9 @@ class Trainer:
                               f"{self.world} processes; use a multiple of {self.world}")
         self.per_rank_batch, self.eval_per_rank = cfg.train.batch_size // self.world, eval_batch // self.world
         self.resume_from = self._resume_path(resume)
+        if cfg.checkpoint.best_metric == "test_accuracy":
+            log.warning("checkpoint.best_metric is test_accuracy: `best` is selected on the TEST split, so its "
+                        "test accuracy is optimistic; use val_accuracy for an honest estimate")
 
         self.opts = data_options(cfg)
         self.manifest = load_data(cfg, acc, self.opts)
@@ -280,7 +283,8 @@ class Trainer:
         parts = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items() if k.endswith("accuracy")]
         head = f"capsdist: stopped by {self._signal or 'a signal to another rank'}" if self._stop else "capsdist: done"
         tail = f"; resume with --resume auto --run-dir {self.run_dir}" if self._stop else ""
-        return f"{head} at step {self.state.step} ({self.world} processes): {', '.join(parts) or 'no evaluation'}; " \
+        procs = f"{self.world} process{'es' if self.world > 1 else ''}"
+        return f"{head} at step {self.state.step} ({procs}): {', '.join(parts) or 'no evaluation'}; " \
                f"checkpoints in {checkpoint.checkpoint_dir(self.run_dir)}{tail}"
 
 
