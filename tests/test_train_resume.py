@@ -1,8 +1,10 @@
 """Exact resume: kill -9 mid-epoch, incomplete checkpoints, another world size, SIGTERM."""
 
+import os
 import shutil
 import signal
 
+import pytest
 import torch
 
 from capsdist.train import checkpoint
@@ -74,13 +76,16 @@ def test_resume_on_another_world_size_keeps_the_global_sample_count(tiny_config,
     assert sorted(losses(run_dir)) == list(range(1, 25))
 
 
-def test_sigterm_checkpoints_and_exits_cleanly(tiny_config, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sigterm_checkpoints_and_exits_cleanly(tiny_config, tmp_path, workers):
+    """SIGTERM to the whole process group, loader workers included, as scancel or SLURM's --signal send it."""
     run_dir = tmp_path / "run"
-    cmd = train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "0")
+    cmd = train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "0",
+                        "--set", f"data.num_workers={workers}")
     proc = start(cmd, tmp_path / "term.log")
     wait_for_step(proc, run_dir, 4)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == 0
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "term.log").read_text()[-3000:]
     log = (tmp_path / "term.log").read_text()
     assert "stopped by SIGTERM" in log and "--resume auto" in log
     last = max(losses(run_dir))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import itertools
 import logging
+import signal
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -129,6 +130,13 @@ def eval_loader(manifest: Manifest, opts: DataOptions, split: str, *, rank: int,
     return EpochLoader(stream, opts.num_workers, total, f"{split} rank {rank}")
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGINT: a scheduler (scancel, SLURM --signal, Ctrl-C) signals the whole
+    process group, and the trainer, not its workers, decides when to stop (after checkpointing)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class EpochLoader:
     """One epoch of one rank: iterate for Batches; `len()` batches; `skipped` after iterating.
 
@@ -138,7 +146,7 @@ class EpochLoader:
 
     def __init__(self, stream: IterableDataset, num_workers: int, num_batches: int, what: str):
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 pin_memory=torch.cuda.is_available())
+                                 pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals)
         self.num_batches = num_batches
         self.what = what
         self.skipped = 0
