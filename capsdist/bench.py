@@ -75,7 +75,7 @@ def _current_rss_mb() -> float:
 
 
 def _timed(fn, steps: int, device: torch.device) -> float:
-    """Seconds per call of fn, averaged over `steps` calls, GPU synchronised."""
+    """Seconds per call of fn, averaged over `steps` calls (0 for none), GPU synchronised."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def _timed(fn, steps: int, device: torch.device) -> float:
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / max(steps, 1)
 
 
 def run_benchmark(s: BenchSettings) -> dict:
