@@ -55,7 +55,10 @@ class RoutingOptions(nn.Module):
 
 
 class CapsuleLayer(nn.Module):
-    """Base of the routing layers: owns beta_u, beta_a (O,), runs routing, keeps cheap routing statistics."""
+    """Base of the routing layers: owns beta_u, beta_a (O,), runs routing, keeps cheap routing statistics.
+
+    Subclasses define route_capsules(poses, activations): their votes and routing for a batch of images.
+    """
 
     def __init__(self, out_types: int, routing: RoutingOptions):
         super().__init__()
@@ -65,17 +68,28 @@ class CapsuleLayer(nn.Module):
         self.beta_a = nn.Parameter(torch.zeros(out_types))
         self.last_stats: dict[str, torch.Tensor] = {}
 
+    CHECKPOINT_CHUNKS = 3  # with routing.checkpoint, images are routed in this many chunks, one at a time
+
+    def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """poses (N, T, 16, H, W), activations (N, T, H, W) -> this layer's poses and activations.
+
+        With routing.checkpoint, the votes and routing of each chunk of images are computed, used and freed,
+        then recomputed in backward (torch.utils.checkpoint): only one chunk's votes are ever alive, so peak
+        memory falls about CHECKPOINT_CHUNKS-fold for about one extra forward. Images route independently,
+        so the result is the same as routing the whole batch at once.
+        """
+        if not (self.routing.checkpoint and torch.is_grad_enabled()):
+            return self.route_capsules(poses, activations)
+        size = -(-poses.shape[0] // self.CHECKPOINT_CHUNKS)
+        outputs = [checkpoint(self.route_capsules, p, a, use_reentrant=False)
+                   for p, a in zip(poses.split(size), activations.split(size))]
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
+
     def _route(self, V: torch.Tensor, a_in: torch.Tensor, log_R0: torch.Tensor, normalise) -> RoutingResult:
-        """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult, optionally recomputed in backward."""
+        """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult."""
         opts = self.routing
-
-        def run(V, a_in, beta_u, beta_a):
-            return route(V, a_in, beta_u, beta_a, log_R0, normalise, iterations=opts.iterations,
-                         final_lambda=opts.final_lambda, alpha=opts.alpha, variance_floor=opts.variance_floor)
-
-        if opts.checkpoint and torch.is_grad_enabled():
-            return checkpoint(run, V, a_in, self.beta_u, self.beta_a, use_reentrant=False)
-        return run(V, a_in, self.beta_u, self.beta_a)
+        return route(V, a_in, self.beta_u, self.beta_a, log_R0, normalise, iterations=opts.iterations,
+                     final_lambda=opts.final_lambda, alpha=opts.alpha, variance_floor=opts.variance_floor)
 
     def _record(self, a_out: torch.Tensor, entropy_per_child: torch.Tensor) -> None:
         """Keep detached statistics of the last forward: mean parent activation and assignment entropy."""
@@ -187,7 +201,7 @@ class ConvCaps(CapsuleLayer):
         V = torch.bmm(M, W.to(M.dtype)).view(kk, t, n * l, o, P)  # (KK, T, N*L, O, 16)
         return V.permute(2, 3, 0, 1, 4).flatten(2, 3)  # (N*L, O, KK*T, 16), a view
 
-    def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route_capsules(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, _, h, w = poses.shape
         o, kk = self.out_types, self.kernel * self.kernel
         out = (self.output_size(h), self.output_size(w))
@@ -266,7 +280,7 @@ class ClassCaps(CapsuleLayer):
             V = V + self.coordinates(h, w, poses.device, V.dtype)  # (HW, 16) broadcast
         return V.flatten(2, 3)
 
-    def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route_capsules(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, _, h, w = poses.shape
         o = self.out_types
         V = self.votes(poses)  # (N, O, I, P)
