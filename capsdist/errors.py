@@ -1,7 +1,10 @@
 """User-facing errors. Each message says what is wrong and what to do next.
 
-Launch scripts catch `CapsdistError`, print its message without a traceback and exit non-zero.
+Launch scripts run through `run_cli`: a `CapsdistError` prints its message without a traceback and exits 2.
 """
+
+import sys
+from typing import Callable
 
 
 class CapsdistError(Exception):
@@ -22,3 +25,13 @@ class CheckpointError(CapsdistError):
 
 class TrainingError(CapsdistError):
     """Training cannot go on (for example, repeated non-finite losses)."""
+
+
+def run_cli(body: Callable[[], int | None]) -> int:
+    """Run a launch script's body: a CapsdistError prints `capsdist: error: ...` without a traceback and gives
+    exit status 2; otherwise the body's status (None counts as 0)."""
+    try:
+        return body() or 0
+    except CapsdistError as err:
+        print(f"capsdist: error: {err}", file=sys.stderr)
+        return 2

@@ -14,7 +14,7 @@ import sys
 
 from capsdist.bench import BenchSettings, run_benchmark
 from capsdist.config import load_config
-from capsdist.errors import CapsdistError
+from capsdist.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,18 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=None, help="override input height and width")
     parser.add_argument("--classes", type=int, default=None, help="override number of classes")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         cfg = load_config(args.config, args.overrides)
         settings = BenchSettings.from_config(
             cfg, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, compile=args.compile,
             mixed_precision=args.mixed_precision, device=args.device, in_channels=args.in_channels,
             input_size=args.input_size, classes=args.classes)
-        result = run_benchmark(settings)
-    except CapsdistError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result))
-    return 0
+        print(json.dumps(run_benchmark(settings)))
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

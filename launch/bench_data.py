@@ -14,7 +14,7 @@ import sys
 import time
 
 from capsdist.data.pipeline import DataOptions, eval_loader, load_manifest, train_loader
-from capsdist.errors import CapsdistError
+from capsdist.errors import run_cli
 
 
 def options(args) -> tuple[DataOptions, int]:
@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--channels", default="both", help="smallNORB: both | left (without --config)")
     parser.add_argument("--pad-crop", type=int, default=0, help="MNIST-likes: pad+crop augmentation")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         opts, batch = options(args)
         manifest = load_manifest(opts.shards)
         if args.split == "train":
@@ -64,17 +65,14 @@ def main(argv=None) -> int:
             if n > args.steps:
                 break
         end = time.perf_counter()
-    except CapsdistError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    timed = max(n - 1, 0) * batch  # batches after the first
-    print(json.dumps({
-        "dataset": manifest.dataset, "shards": opts.shards, "split": args.split, "batch_size": batch,
-        "workers": opts.num_workers, "timed_batches": max(n - 1, 0), "samples_per_s": round(timed / (end - first), 1) if timed else None,
-        "total_s": round(end - start, 3),
-    }))
-    return 0
+        timed = max(n - 1, 0) * batch  # batches after the first
+        print(json.dumps({
+            "dataset": manifest.dataset, "shards": opts.shards, "split": args.split, "batch_size": batch,
+            "workers": opts.num_workers, "timed_batches": max(n - 1, 0),
+            "samples_per_s": round(timed / (end - first), 1) if timed else None, "total_s": round(end - start, 3),
+        }))
 
+    return run_cli(body)
 
 if __name__ == "__main__":
     sys.exit(main())

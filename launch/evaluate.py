@@ -8,7 +8,7 @@ the numbers are exactly those of one process (each sample is counted once).
 import argparse
 import sys
 
-from capsdist.errors import CapsdistError
+from capsdist.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,14 +17,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="best", metavar="best|latest|PATH")
     parser.add_argument("--split", default="test", choices=["test", "val"])
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         from capsdist.evaluate import evaluate_run
 
         evaluate_run(args.run_dir, args.checkpoint, args.split)
-    except CapsdistError as err:
-        print(f"capsdist: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from capsdist.data.shards import prepare
 from capsdist.data.sources import DATASETS
-from capsdist.errors import CapsdistError
+from capsdist.errors import run_cli
 
 
 def parse_subset(text: str) -> dict[str, int]:
@@ -39,13 +39,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.shard_size < 1:
         parser.error("--shard-size must be at least 1")
-    try:
+
+    def body():
         prepare(args.dataset, args.out, source=args.source, shard_size=args.shard_size, subset=args.subset,
                 compress=args.compress, cache=args.cache)
-    except CapsdistError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

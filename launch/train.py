@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from capsdist.config import load_config
-from capsdist.errors import CapsdistError
+from capsdist.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,15 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"train.max_steps={args.max_steps}")
     if args.checkpoint_every is not None:
         overrides.append(f"checkpoint.every_steps={args.checkpoint_every}")
-    try:
+
+    def body():
         cfg = load_config(args.config, overrides)
         from capsdist.train.trainer import Trainer  # after the config is known good: heavy imports
 
         Trainer(cfg, source=args.config, resume=args.resume).fit()
-    except CapsdistError as err:
-        print(f"capsdist: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -177,8 +177,8 @@ def test_cli_prints_error_without_traceback(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "prepare_data.py"), "mnist",
                              "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
                             capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: mnist: train-images-idx3-ubyte[.gz] not found")
+    assert result.returncode == 2
+    assert result.stderr.startswith("capsdist: error: mnist: train-images-idx3-ubyte[.gz] not found")
     assert "Traceback" not in result.stderr
 
 

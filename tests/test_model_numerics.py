@@ -12,14 +12,7 @@ from capsdist.model.layers import ClassCaps, ConvCaps, RoutingOptions
 from capsdist.model.routing import em_routing
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the shapes are tiny, and on a busy 2-core machine two OpenMP threads spin against
-    other processes (measured 3.4 s with one thread vs 21.7 s with two for the overfit test under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _leaves(n, i, o, vote_scale, seed=0, a_value=None):

@@ -8,14 +8,7 @@ import torch
 from capsdist.model import PRESETS, CapsNet
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the shapes are tiny, and on a busy 2-core machine two OpenMP threads spin against
-    other processes (measured 3.4 s with one thread vs 21.7 s with two for the overfit test under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # input size -> spatial size after ReLUConv, PrimaryCaps, ConvCaps1, ConvCaps2

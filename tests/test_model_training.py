@@ -9,14 +9,7 @@ from capsdist.loss import spread_loss
 from capsdist.model import CapsNet
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: the shapes are tiny, and on a busy 2-core machine two OpenMP threads spin against
-    other processes (measured 3.4 s with one thread vs 21.7 s with two for the overfit test under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_small_model_overfits_one_batch():

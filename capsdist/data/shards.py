@@ -32,7 +32,7 @@ from tqdm import tqdm
 from webdataset import ShardWriter
 
 import capsdist
-from capsdist.data.manifest import FORMAT, MANIFEST, Manifest, load_manifest, manifest_json, prepare_command
+from capsdist.data.manifest import FORMAT, MANIFEST, Manifest, load_manifest, manifest_json
 from capsdist.data.sources import RawSplit, fetch, load_split, locate, spec
 from capsdist.errors import DataError
 

@@ -207,7 +207,7 @@ class ConvCaps(CapsuleLayer):
 
     def route_capsules(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, _, h, w = poses.shape
-        o, kk = self.out_types, self.kernel * self.kernel
+        o = self.out_types
         out = (self.output_size(h), self.output_size(w))
         if min(out) < 1:
             raise ValueError(f"ConvCaps with kernel {self.kernel} needs an input of at least {self.kernel}x"
