@@ -37,8 +37,8 @@ class ModelConfig:
     iterations: int = _num(3, 1)  # EM routing iterations (paper: 3)
     alpha: float = _num(0.0, 0.0, 1.0)  # moving average of poses across iterations (paper 0, authors' code 0.1)
     coord_add: bool = True  # add scaled coordinates to class-capsule votes (paper)
-    final_lambda: float = _num(0.01, 0.0, open_lo=True)  # inverse temperature at the last iteration
-    routing_checkpoint: bool = False  # recompute routing in backward to save memory
+    final_lambda: float = _num(0.01, 0.0, open_lo=True)  # inverse temperature limit: lambda_t = it * (1 - 0.95^(t+1))
+    routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
 
 
 @dataclass
