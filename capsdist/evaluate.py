@@ -108,6 +108,7 @@ def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test") 
         out.write_text(json.dumps(result, indent=1))
         print(format_result(result))
         print(f"written: {out}")
+    accelerator.end_training()  # tear down the process group before exit (gloo/NCCL threads can abort it)
     return result
 
 

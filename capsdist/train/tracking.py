@@ -106,15 +106,15 @@ class Tracker:
         self.accelerator.log(media, step=step)
 
     def finish(self) -> None:
-        """Close metrics.jsonl and W&B; print the sync command for an offline run."""
+        """Close metrics.jsonl, end the Accelerate run (W&B, if on, and the process group: a gloo/NCCL group
+        left to interpreter exit can abort the process), and print the sync command of an offline W&B run."""
         if self._file is None:
             return
         self._file.close()
         self._file = None
-        if not self.wandb:
-            return
-        run = self.accelerator.get_tracker("wandb", unwrap=True)
-        offline_dir = Path(run.dir).parent if os.environ.get("WANDB_MODE") == "offline" else None
+        offline_dir = None
+        if self.wandb and os.environ.get("WANDB_MODE") == "offline":
+            offline_dir = Path(self.accelerator.get_tracker("wandb", unwrap=True).dir).parent
         self.accelerator.end_training()
         if offline_dir is not None:
             print(f"capsdist: W&B run saved offline; upload it with: wandb sync {offline_dir}")

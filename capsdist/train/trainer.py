@@ -10,7 +10,6 @@ exactly on the same world size and at the same global sample count on another.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import os
@@ -152,8 +151,9 @@ class Trainer:
         """Train from the data position to the epoch end (or total_steps / stop); evaluate and save at its end."""
         state, cfg = self.state, self.cfg
         loader = train_loader(self.manifest, self.opts, epoch=state.epoch, rank=self.accelerator.process_index,
-                              world_size=self.world, per_rank_batch=self.per_rank_batch)
-        batches = itertools.islice(iter(loader), state.batch_in_epoch, None)  # reads and drops consumed batches
+                              world_size=self.world, per_rank_batch=self.per_rank_batch,
+                              start_batch=state.batch_in_epoch)  # a resumed epoch skips, without decoding,
+        batches = iter(loader)                                  # the batches already trained on
         last_eval: dict = {}
         window, tick = _Window(), time.perf_counter()
         while state.batch_in_epoch < self.steps_per_epoch:
