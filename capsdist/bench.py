@@ -19,12 +19,12 @@ import time
 import torch
 
 from capsdist.config import Config
+from capsdist.data.sources import DATASETS
+from capsdist.data.transforms import model_input_shape
 from capsdist.errors import ConfigError
 from capsdist.loss import spread_loss
 from capsdist.model import build_model
 
-# Model input (channels, size, classes) of each dataset after the pipeline's transforms.
-_DATASET_INPUT = {"smallnorb": (2, 32, 5), "fashion-mnist": (1, 28, 10), "mnist": (1, 28, 10)}
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -46,12 +46,14 @@ class BenchSettings:
                     device=None, in_channels=None, input_size=None, classes=None) -> "BenchSettings":
         """Settings from a run config; every keyword that is not None overrides the config's value."""
         name = cfg.data.dataset.removesuffix("-mini")
-        if name not in _DATASET_INPUT and None in (in_channels, input_size, classes):
+        if name not in DATASETS and None in (in_channels, input_size, classes):
             raise ConfigError(f"data.dataset: no known input shape for {cfg.data.dataset!r}: "
                               "pass --in-channels, --input-size and --classes")
-        channels, size, n_classes = _DATASET_INPUT.get(name, (None, None, None))
-        if name == "smallnorb" and cfg.data.channels == "left":
-            channels = 1
+        channels = size = n_classes = None
+        if name in DATASETS:  # the model input the data pipeline would give
+            spec = DATASETS[name]
+            channels, size, _ = model_input_shape(name, (len(spec.views), *spec.image_size), cfg.data.channels)
+            n_classes = len(spec.classes)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible to PyTorch")

@@ -28,9 +28,14 @@ _TAG_AUGMENT = 0x415547
 
 def input_shape(manifest: Manifest, channels: str) -> tuple[int, int, int]:
     """(C, H, W) of the model input after the transforms."""
-    if manifest.dataset == "smallnorb":
+    return model_input_shape(manifest.dataset, manifest.image_shape, channels)
+
+
+def model_input_shape(dataset: str, stored_shape, channels: str) -> tuple[int, int, int]:
+    """(C, H, W) of the model input for samples stored as (views, H, W) of `dataset`."""
+    if dataset == "smallnorb":
         return (1 if channels == "left" else 2, NORB_CROP, NORB_CROP)
-    return tuple(manifest.image_shape)
+    return tuple(stored_shape)
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:
