@@ -1,6 +1,9 @@
-"""The EM capsule network: functional routing, capsule layers, and the CapsNet presets."""
+"""The models: EM routing, capsule layers, the CapsNet presets, the CNN baselines, and building one by name."""
 
-from capsdist.model.capsnet import PRESETS, CapsNet, build_model
+from capsdist.model.capsnet import PRESETS, CapsNet
+from capsdist.model.cnn import CNN_PRESETS, BaselineCNN
+from capsdist.model.registry import MODEL_SIZES, build_model, is_capsule_model
 from capsdist.model.routing import em_routing
 
-__all__ = ["CapsNet", "PRESETS", "build_model", "em_routing"]
+__all__ = ["BaselineCNN", "CNN_PRESETS", "CapsNet", "MODEL_SIZES", "PRESETS", "build_model", "em_routing",
+           "is_capsule_model"]

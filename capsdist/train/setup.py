@@ -13,7 +13,6 @@ from capsdist.data.pipeline import DataOptions, input_shape, load_manifest
 from capsdist.data.manifest import prepare_command
 from capsdist.data.shards import prepare
 from capsdist.errors import DataError
-from capsdist.model import CapsNet
 from capsdist.model import build_model as model_from_config
 
 
@@ -62,24 +61,32 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
     return load_manifest(opts.shards)
 
 
-def build_model(cfg: Config, manifest, opts: DataOptions) -> CapsNet:
-    """CapsNet for the manifest's input shape and classes (model.A..D override the preset's widths)."""
+def build_model(cfg: Config, manifest, opts: DataOptions) -> torch.nn.Module:
+    """The configured model (a CapsNet or a CNN baseline) for the manifest's input shape and classes."""
     channels, height, width = input_shape(manifest, opts)
     if height != width:
-        raise DataError(f"{opts.shards}: CapsNet needs square inputs, the data gives {height}x{width}")
+        raise DataError(f"{opts.shards}: the models need square inputs, the data gives {height}x{width}")
     return model_from_config(cfg.model, in_channels=channels, input_size=height, num_classes=len(manifest.classes))
 
 
-def lr_factor(step: int, decay_rate: float, decay_steps: int) -> float:
-    """Exponential decay decay_rate ** (step / decay_steps) of the global step; 1 when decay_rate <= 0."""
-    return math.pow(decay_rate, step / decay_steps) if decay_rate > 0 else 1.0
+def lr_factor(step: int, optim_cfg, total_steps: int) -> float:
+    """The learning-rate multiplier at a global step: a pure function of the step, so it needs no saved state.
+
+    exponential: lr_decay_rate ** (step / lr_decay_steps) (the paper's; 1 when lr_decay_rate <= 0).
+    cosine: from 1 down to final_lr_ratio at total_steps along half a cosine, then final_lr_ratio.
+    """
+    o = optim_cfg
+    if o.schedule == "cosine":
+        progress = min(max(step, 0) / max(total_steps, 1), 1.0)
+        return o.final_lr_ratio + (1.0 - o.final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return math.pow(o.lr_decay_rate, step / o.lr_decay_steps) if o.lr_decay_rate > 0 else 1.0
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module):
-    """Adam or AdamW at optim.lr, and a LambdaLR whose step count is the global step."""
+def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
+    """Adam or AdamW at optim.lr, and a LambdaLR whose step count is the global step (`lr_factor`);
+    total_steps is the run's last global step (the cosine schedule ends there)."""
     o = cfg.optim
     kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     optimizer = kind(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, o.lr_decay_rate, o.lr_decay_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, total_steps))
     return optimizer, scheduler
