@@ -29,7 +29,8 @@ def _num(default: float, lo: float | None = None, hi: float | None = None, *, op
 
 @dataclass
 class ModelConfig:
-    size: Literal["full", "small"] = "small"  # preset: full A=B=C=D=32, small A=64 B=8 C=D=16
+    size: Literal["full", "small", "cnn", "cnn-small"] = "small"  # capsules: full A=B=C=D=32, small A=64 B=8
+    # C=D=16; CNN baselines: cnn (the paper's, 4.2M parameters), cnn-small (about small's size)
     A: int = _num(0, 0)  # ReLU conv channels; 0 keeps the preset's value (tests use tiny widths)
     B: int = _num(0, 0)  # primary capsule types; 0 = preset
     C: int = _num(0, 0)  # ConvCaps1 capsule types; 0 = preset
@@ -38,6 +39,7 @@ class ModelConfig:
     alpha: float = _num(0.0, 0.0, 1.0)  # moving average of poses across iterations (paper 0, authors' code 0.1)
     coord_add: bool = True  # add scaled coordinates to class-capsule votes (paper)
     final_lambda: float = _num(0.01, 0.0, open_lo=True)  # inverse temperature limit: lambda_t = it * (1 - 0.95^(t+1))
+    variance_floor: float = _num(1e-4, 0.0, open_lo=True)  # added to every parent variance (Gritzman's fix 2)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
 
 
@@ -62,8 +64,10 @@ class OptimConfig:
     name: Literal["adam", "adamw"] = "adam"  # seed: optimizer
     lr: float = _num(3e-3, 0.0, open_lo=True)  # peak learning rate (seed: learning_rate)
     weight_decay: float = _num(0.0, 0.0)  # L2 (adam) or decoupled (adamw) decay
-    lr_decay_rate: float = 0.96  # exponential decay factor; <= 0 disables decay
-    lr_decay_steps: int = _num(20000, 1)  # global steps per decay factor
+    schedule: Literal["exponential", "cosine"] = "exponential"  # lr schedule over global steps
+    lr_decay_rate: float = 0.96  # exponential: decay factor per lr_decay_steps; <= 0 disables decay
+    lr_decay_steps: int = _num(20000, 1)  # exponential: global steps per decay factor
+    final_lr_ratio: float = _num(0.01, 0.0, 1.0)  # cosine: lr at the last step of the run, as a fraction of lr
     grad_clip: float = _num(0.0, 0.0)  # max global gradient norm; 0 disables
 
 
@@ -111,7 +115,8 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    every_steps: int = _num(10, 1)  # steps between throughput/stat logs (loss goes to metrics.jsonl every step)
+    every_steps: int = _num(10, 1)  # steps between throughput/health logs (loss goes to metrics.jsonl every step)
+    health_warn_steps: int = _num(200, 1)  # warn when the class capsules stay all dead / all saturated this long
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -91,17 +91,33 @@ def test_class_caps_geometry_is_the_receptive_field_centre():
     assert model.class_caps.input_size == 32
 
 
-def test_routing_stats_after_forward():
+def test_health_stats_after_forward():
     torch.manual_seed(0)
     model = CapsNet.from_preset("small", num_classes=5, input_size=28, iterations=2)
     with torch.no_grad():
         model(torch.randn(2, 1, 28, 28))
-    stats = model.routing_stats()
-    assert set(stats) == {"convcaps1", "convcaps2", "classcaps"}
+    stats = model.health_stats()
+    assert set(stats) == {"primarycaps", "convcaps1", "convcaps2", "classcaps"}
     for name, layer_stats in stats.items():
-        assert set(layer_stats) == {"mean_activation", "assignment_entropy"}
+        routed = name != "primarycaps"
+        assert set(layer_stats) == {"mean_activation", "dead_fraction", "saturated_fraction"} | (
+            {"assignment_entropy"} if routed else set())
         assert all(type(v) is float for v in layer_stats.values())
         assert 0.0 < layer_stats["mean_activation"] < 1.0
-        assert layer_stats["assignment_entropy"] >= 0.0
+        assert 0.0 <= layer_stats["dead_fraction"] <= 1.0 and 0.0 <= layer_stats["saturated_fraction"] <= 1.0
+        if routed:
+            assert layer_stats["assignment_entropy"] >= 0.0
     # ClassCaps: each child spreads over 5 classes, entropy at most log 5
     assert stats["classcaps"]["assignment_entropy"] <= torch.log(torch.tensor(5.0)).item() + 1e-5
+
+
+def test_dead_and_saturated_capsules_are_counted():
+    """A capsule is dead when it stays below 0.01 on every image; an activation above 0.99 is saturated."""
+    from capsdist.model.layers import activation_stats
+
+    a = torch.tensor([[0.005, 0.5, 0.995, 0.001],
+                      [0.009, 0.002, 0.999, 0.5]])  # (N=2 images, 4 capsules)
+    stats = {k: float(v) for k, v in activation_stats(a).items()}
+    assert stats["dead_fraction"] == 0.25  # only capsule 0 is below 0.01 on both images
+    assert stats["saturated_fraction"] == 0.25  # 2 of 8 activations
+    assert abs(stats["mean_activation"] - float(a.mean())) < 1e-7

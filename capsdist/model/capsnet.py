@@ -27,9 +27,9 @@ class CapsNet(nn.Module):
 
     def __init__(self, *, A: int, B: int, C: int, D: int, num_classes: int, in_channels: int = 1,
                  input_size: int = 32, iterations: int = 3, coord_add: bool = True, alpha: float = 0.0,
-                 final_lambda: float = 0.01, routing_checkpoint: bool = False):
+                 final_lambda: float = 0.01, variance_floor: float = 1e-4, routing_checkpoint: bool = False):
         super().__init__()
-        routing = RoutingOptions(iterations, final_lambda, alpha, checkpoint=routing_checkpoint)
+        routing = RoutingOptions(iterations, final_lambda, alpha, variance_floor, checkpoint=routing_checkpoint)
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2)
         self.primary_caps = PrimaryCaps(A, B)
@@ -52,13 +52,17 @@ class CapsNet(nn.Module):
             raise ValueError(f"unknown model preset {preset!r}: choose one of {sorted(PRESETS)}")
         return cls(**PRESETS[preset], **kwargs)
 
-    def routing_layers(self) -> dict[str, nn.Module]:
-        return {"convcaps1": self.conv_caps1, "convcaps2": self.conv_caps2, "classcaps": self.class_caps}
+    def capsule_layers(self) -> dict[str, nn.Module]:
+        return {"primarycaps": self.primary_caps, "convcaps1": self.conv_caps1, "convcaps2": self.conv_caps2,
+                "classcaps": self.class_caps}
 
-    def routing_stats(self) -> dict[str, dict[str, float]]:
-        """Per routing layer, from the last forward: mean parent activation and mean assignment entropy (nats)."""
+    def health_stats(self) -> dict[str, dict[str, float]]:
+        """Per capsule layer, from the last forward: mean activation, dead_fraction (capsules below 0.01 on every
+        image), saturated_fraction (activations above 0.99) and, for routing layers, the mean assignment entropy
+        (nats). Reads the values on the host: call it on log steps only. With routing.checkpoint the routing
+        layers' statistics are those of the last chunk of images."""
         return {name: {key: float(value) for key, value in layer.last_stats.items()}
-                for name, layer in self.routing_layers().items() if layer.last_stats}
+                for name, layer in self.capsule_layers().items() if layer.last_stats}
 
     def forward(self, images: torch.Tensor, return_poses: bool = False):
         if images.dim() != 4 or images.shape[1] != self.in_channels:
@@ -69,11 +73,3 @@ class CapsNet(nn.Module):
         poses, acts = self.conv_caps2(poses, acts)  # (N, D, 16, H3, W3), (N, D, H3, W3)
         class_poses, class_acts = self.class_caps(poses, acts)  # (N, K, 16), (N, K)
         return (class_acts, class_poses) if return_poses else class_acts
-
-
-def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: int) -> CapsNet:
-    """CapsNet from a `capsdist.config.ModelConfig`: its preset, with A..D overridden where non-zero."""
-    widths = {k: getattr(model_cfg, k) or v for k, v in PRESETS[model_cfg.size].items()}
-    return CapsNet(**widths, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
-                   iterations=model_cfg.iterations, coord_add=model_cfg.coord_add, alpha=model_cfg.alpha,
-                   final_lambda=model_cfg.final_lambda, routing_checkpoint=model_cfg.routing_checkpoint)

@@ -39,6 +39,19 @@ def pose_transform_matrix(weight: torch.Tensor) -> torch.Tensor:
     return torch.einsum("rs,gocd->grcosd", eye, weight).reshape(g, 16, o * 16)
 
 
+DEAD_BELOW = 0.01  # a capsule whose activation stays below this on every image of the batch is dead
+SATURATED_ABOVE = 0.99  # an activation above this is saturated: the logistic is flat there
+
+
+def activation_stats(a: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Health of one layer's activations a (N, capsules) in (0, 1), capsules = types x positions:
+    mean activation, fraction of dead capsules (below DEAD_BELOW on every image) and fraction of saturated
+    activations (above SATURATED_ABOVE). Scalar tensors, no host synchronisation."""
+    return {"mean_activation": a.mean(),
+            "dead_fraction": (a.amax(dim=0) < DEAD_BELOW).float().mean(),
+            "saturated_fraction": (a > SATURATED_ABOVE).float().mean()}
+
+
 class RoutingOptions(nn.Module):
     """Routing settings shared by the capsule layers (a Module only so it prints with the model)."""
 
@@ -95,9 +108,13 @@ class CapsuleLayer(nn.Module):
         return route(V, a_in, self.beta_u, self.beta_a, log_R0, normalise, iterations=opts.iterations,
                      final_lambda=opts.final_lambda, alpha=opts.alpha, variance_floor=opts.variance_floor)
 
-    def _record(self, a_out: torch.Tensor, entropy_per_child: torch.Tensor) -> None:
-        """Keep detached statistics of the last forward: mean parent activation and assignment entropy."""
-        self.last_stats = {"mean_activation": a_out.detach().mean(),
+    def _record(self, a_out: torch.Tensor, images: int, entropy_per_child: torch.Tensor) -> None:
+        """Keep detached statistics of the last forward (tensors: read on the host only when logged).
+
+        a_out (N', O) with N' = images * parent positions; entropy_per_child: assignment entropy (nats) of
+        every child. See `activation_stats` for the activation statistics.
+        """
+        self.last_stats = {**activation_stats(a_out.detach().reshape(images, -1)),
                            "assignment_entropy": entropy_per_child.detach().mean()}
 
 
@@ -124,13 +141,16 @@ class PrimaryCaps(nn.Module):
     def __init__(self, in_channels: int, types: int):
         super().__init__()
         self.types = types
+        self.last_stats: dict[str, torch.Tensor] = {}
         self.pose = nn.Conv2d(in_channels, types * P, 1)
         self.activation = nn.Conv2d(in_channels, types, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, _, h, w = x.shape
         poses = self.pose(x).view(n, self.types, P, h, w)  # (N, B, 16, H, W)
-        return poses, torch.sigmoid(self.activation(x))  # (N, B, H, W)
+        activations = torch.sigmoid(self.activation(x))  # (N, B, H, W)
+        self.last_stats = activation_stats(activations.detach().reshape(n, -1))
+        return poses, activations
 
 
 def _grid_slices(kernel: int, stride: int, out: int) -> list[slice]:
@@ -234,8 +254,8 @@ class ConvCaps(CapsuleLayer):
         with torch.no_grad():
             R = result.log_R.exp()
             ent = self._fold(self._from_routing(-(R * result.log_R), n, o), (h, w))  # (N, T, H, W) per child
-            covered = (fan_in > 0).to(ent.dtype)  # (1, 1, H, W)
-            self._record(result.a_out, (ent * covered).sum() / (covered.sum() * n * t))
+            covered = fan_in[0, 0] > 0  # (H, W): children in at least one window
+            self._record(result.a_out, n, ent[:, :, covered])
         poses_out = result.poses.view(n, out[0], out[1], o, P).permute(0, 3, 4, 1, 2)  # (N, O, 16, H', W')
         a_out = result.a_out.view(n, out[0], out[1], o).permute(0, 3, 1, 2)  # (N, O, H', W')
         return poses_out.contiguous(), a_out.contiguous()
@@ -292,5 +312,5 @@ class ClassCaps(CapsuleLayer):
         log_R0 = V.new_full((n, o, t * h * w), -math.log(o), dtype=routing_dtype(V))
         result = self._route(V, a_in, log_R0, normalise_over_parents)
         with torch.no_grad():
-            self._record(result.a_out, -(result.log_R.exp() * result.log_R).sum(1))
+            self._record(result.a_out, n, -(result.log_R.exp() * result.log_R).sum(1))
         return result.poses, result.a_out

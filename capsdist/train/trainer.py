@@ -31,6 +31,7 @@ from capsdist.evaluate import evaluate
 from capsdist.loss import make_loss
 from capsdist.train import checkpoint
 from capsdist.train.checkpoint import TrainState
+from capsdist.train.health import ClassHealthMonitor, grad_norms
 from capsdist.train.setup import build_model, build_optimizer, data_options, load_data, make_accelerator
 from capsdist.train.tracking import Tracker, wandb_settings
 
@@ -71,7 +72,7 @@ class Trainer:
 
         set_seed(cfg.train.seed)
         model = build_model(cfg, self.manifest, self.opts)
-        optimizer, self.scheduler = build_optimizer(cfg, model)
+        optimizer, self.scheduler = build_optimizer(cfg, model, self.total_steps)
         # The scheduler is not prepared: Accelerate would step it once per process per step.
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
@@ -88,6 +89,8 @@ class Trainer:
         self._signal: str | None = None  # a signal this process received
         self._stop = False  # all ranks agreed to stop (set from the step's all-reduce)
         self._nonfinite_run = 0  # consecutive skipped steps
+        self._grad_norms: dict[str, float] = {}  # of the last log step's backward
+        self.class_health = ClassHealthMonitor(cfg.logging.health_warn_steps)
         self._saved_step = self.state.step if self.resume_from is not None else -1
 
     def _resume_path(self, resume: str) -> Path | None:
@@ -211,6 +214,8 @@ class Trainer:
                         state.step + 1, int(nonfinite), self._nonfinite_run)
         else:
             acc.backward(loss)
+            if (state.step + 1) % self.cfg.logging.every_steps == 0:  # a log step: gradient norms before clipping
+                self._grad_norms = grad_norms(acc.unwrap_model(model))
             if self.cfg.optim.grad_clip > 0:
                 acc.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
             self.optimizer.step()
@@ -235,10 +240,14 @@ class Trainer:
     def _throughput(self, window: "_Window") -> dict:
         values = {"perf/images_per_s": window.images_per_s, "perf/images_per_s_per_process": window.images_per_s / self.world,
                   "perf/step_time_s": window.seconds / window.steps, "perf/peak_memory_mb": _peak_memory_mb(self.accelerator)}
-        stats = self.accelerator.unwrap_model(self.model).routing_stats()
+        stats = self.accelerator.unwrap_model(self.model).health_stats()
         for layer, layer_stats in stats.items():
             for key, value in layer_stats.items():
-                values[f"routing/{layer}/{key}"] = value
+                values[f"health/{layer}/{key}"] = value
+        if "classcaps" in stats:
+            self.class_health.update(stats["classcaps"], self.state.step)
+        values.update(self._grad_norms)
+        self._grad_norms = {}
         return values
 
     # ---------------------------------------------------------------- evaluation and checkpoints
