@@ -17,16 +17,24 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name", ["full", "small", "fashion-mnist", "quickstart"])
+@pytest.mark.parametrize("name", ["full", "small", "paper-full", "paper-small", "fashion-mnist", "quickstart"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     assert cfg.run_dir == f"runs/{name}"
 
 
-def test_full_config_follows_the_paper():
-    cfg = load_config(CONFIGS / "full.yaml")
-    assert (cfg.model.size, cfg.model.iterations, cfg.loss.name) == ("full", 3, "spread_loss")
-    assert cfg.data.dataset == "smallnorb" and cfg.optim.lr_decay_rate > 0
+@pytest.mark.parametrize("size", ["full", "small"])
+def test_paper_configs_pin_the_papers_setup_whatever_the_defaults(size):
+    """paper-*.yaml set every recipe key themselves, so they stay the paper's setup when the defaults change."""
+    cfg = load_config(CONFIGS / f"paper-{size}.yaml")
+    assert (cfg.model.size, cfg.model.iterations, cfg.model.alpha, cfg.model.final_lambda) == (size, 3, 0.0, 0.01)
+    assert (cfg.loss.name, cfg.loss.margin_schedule, cfg.loss.max_margin_steps) == ("spread_loss", "linear", 20000)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.optim.lr_decay_rate) == ("adam", 3e-3, "exponential", 0.96)
+    assert (cfg.data.dataset, cfg.train.batch_size) == ("smallnorb", 64)
+    text = (CONFIGS / f"paper-{size}.yaml").read_text()
+    for key in ("iterations:", "alpha:", "final_lambda:", "variance_floor:", "lr:", "schedule:", "margin_schedule:",
+                "max_margin_steps:", "batch_size:"):
+        assert key in text, key
 
 
 def test_yaml_values_and_overrides_are_coerced(tmp_path):
@@ -79,3 +87,21 @@ def test_resolved_config_round_trips_and_user_file_is_untouched(tmp_path):
     again = config_from_dict(yaml.safe_load((tmp_path / "resolved.yaml").read_text()), "resolved.yaml")
     assert config_dict(again) == config_dict(cfg)
     assert config_dict(Config())["optim"]["lr"] == pytest.approx(3e-3)
+
+
+def test_learning_rate_schedules_are_functions_of_the_global_step():
+    import math
+
+    from capsdist.config import OptimConfig
+    from capsdist.train.setup import lr_factor
+
+    paper = OptimConfig(lr_decay_rate=0.96, lr_decay_steps=20000)
+    assert lr_factor(0, paper, 100) == 1.0
+    assert math.isclose(lr_factor(40000, paper, 100), 0.96 ** 2)  # ignores the run length
+    assert lr_factor(5, OptimConfig(lr_decay_rate=0.0), 100) == 1.0  # decay disabled
+    cosine = OptimConfig(schedule="cosine", final_lr_ratio=0.1)
+    assert lr_factor(0, cosine, 1000) == 1.0
+    assert math.isclose(lr_factor(500, cosine, 1000), 0.1 + 0.9 * 0.5)  # half way: half way down
+    assert math.isclose(lr_factor(1000, cosine, 1000), 0.1) and math.isclose(lr_factor(5000, cosine, 1000), 0.1)
+    steps = [lr_factor(s, cosine, 1000) for s in range(0, 1001, 50)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing over the run
