@@ -1,0 +1,94 @@
+"""Learning curves from run directories: read metrics.jsonl, plot accuracy and loss against images seen.
+
+A run directory holds `metrics.jsonl` (one JSON object per line, {"step": global step, key: value, ...};
+a resumed run may repeat steps, and the last record of a step wins) and `config.yaml` (its global batch
+size turns steps into images seen, so runs of different batch sizes share one axis).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from capsdist.errors import ConfigError
+
+
+@dataclass
+class Curves:
+    """The series of one run, each a list of (images seen, value) sorted by images seen."""
+
+    label: str
+    train_loss: list[tuple[int, float]]
+    train_accuracy: list[tuple[int, float]]
+    val_accuracy: list[tuple[int, float]]
+    test_accuracy: list[tuple[int, float]]
+
+
+def read_curves(run_dir: str | Path, label: str = "", smooth_steps: int = 50) -> Curves:
+    """The curves of one run; training loss and accuracy are averaged over windows of `smooth_steps` steps."""
+    run_dir = Path(run_dir)
+    metrics, config = run_dir / "metrics.jsonl", run_dir / "config.yaml"
+    if not metrics.is_file() or not config.is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (needs metrics.jsonl and config.yaml)")
+    batch = int(yaml.safe_load(config.read_text())["train"]["batch_size"])
+    series: dict[str, dict[int, float]] = {}
+    for line in metrics.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+                series.setdefault(key, {})[int(record["step"])] = float(value)
+
+    def points(key: str, window: int = 1) -> list[tuple[int, float]]:
+        items = sorted(series.get(key, {}).items())
+        out = []
+        for start in range(0, len(items), window):
+            chunk = items[start:start + window]
+            out.append((chunk[-1][0] * batch, sum(v for _, v in chunk) / len(chunk)))
+        return out
+
+    return Curves(label or run_dir.name, points("train/loss", smooth_steps), points("train/accuracy", smooth_steps),
+                  points("val/accuracy"), points("test/accuracy"))
+
+
+def plot_curves(runs: list[Curves], out: str | Path, title: str = "") -> Path:
+    """Write a PNG with two panels: accuracy (val solid, test dotted, train faint) and training loss, both
+    against images seen. Returns the path written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        for pts, style, alpha, name in ((run.val_accuracy, "-o", 1.0, "val"), (run.test_accuracy, ":s", 1.0, "test"),
+                                        (run.train_accuracy, "-", 0.3, "train")):
+            if pts:
+                xs, ys = zip(*pts)
+                acc_ax.plot(xs, ys, style, color=color, alpha=alpha, markersize=3, label=f"{run.label} {name}")
+        if run.train_loss:
+            xs, ys = zip(*run.train_loss)
+            loss_ax.plot(xs, ys, color=color, label=run.label)
+    acc_ax.set(xlabel="images seen", ylabel="accuracy", title="accuracy")
+    loss_ax.set(xlabel="images seen", ylabel="training loss", title="training loss", yscale="log")
+    acc_ax.grid(alpha=0.3)
+    loss_ax.grid(alpha=0.3)
+    acc_ax.legend(fontsize=7)
+    loss_ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
