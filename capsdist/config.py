@@ -40,6 +40,7 @@ class ModelConfig:
     coord_add: bool = True  # add scaled coordinates to class-capsule votes (paper)
     final_lambda: float = _num(0.01, 0.0, open_lo=True)  # inverse temperature limit: lambda_t = it * (1 - 0.95^(t+1))
     variance_floor: float = _num(1e-4, 0.0, open_lo=True)  # added to every parent variance (Gritzman's fix 2)
+    estep_temperature: float = _num(1.0, 0.0, open_lo=True)  # E-step log-likelihoods are divided by it (paper: 1)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
 
 

@@ -40,17 +40,17 @@ def m_step(R, a_in, V, beta_u, beta_a, lam, scale, variance_floor, mu_prev, alph
     return mu, sigma_sq, a_out
 
 
-def e_step_logits(V, mu, sigma_sq, a_out):
-    """log p_ij + log a_j, before normalisation. -> (N', O, I)."""
+def e_step_logits(V, mu, sigma_sq, a_out, estep_temperature=1.0):
+    """log p_ij / T + log a_j, before normalisation (T = 1 in the paper). -> (N', O, I)."""
     diff_sq = (V - mu[:, :, None, :]) ** 2  # (N', O, I, P)
     log_p = (-(diff_sq / (2.0 * sigma_sq[:, :, None, :])).sum(dim=-1)
              - 0.5 * torch.log(sigma_sq).sum(dim=-1)[..., None]
              - 0.5 * P * math.log(2.0 * math.pi))
-    return log_p + torch.log(a_out)[..., None]
+    return log_p / estep_temperature + torch.log(a_out)[..., None]
 
 
 def reference_route(V, a_in, beta_u, beta_a, R0, normalise, *, iterations, final_lambda=0.01, alpha=0.0,
-                    variance_floor=1e-4):
+                    variance_floor=1e-4, estep_temperature=1.0):
     """Procedure 1 in the internal layout. R0 (N', O, I) initial assignments (probabilities, not logs);
     normalise maps E-step logits (N', O, I) to R. Returns poses (N', O, P), a_out (N', O), R of the last M-step."""
     n, O, I, _ = V.shape
@@ -63,7 +63,7 @@ def reference_route(V, a_in, beta_u, beta_a, R0, normalise, *, iterations, final
                                      mu if (mu is not None and alpha != 0.0) else None, alpha)
         if t == iterations - 1:
             break
-        R = normalise(e_step_logits(V, mu, sigma_sq, a_out))
+        R = normalise(e_step_logits(V, mu, sigma_sq, a_out, estep_temperature))
     return mu, a_out, R
 
 
@@ -73,13 +73,14 @@ def softmax_over_parents(logits):
 
 
 def reference_em_routing(votes, a_in, beta_u, beta_a, *, iterations, final_lambda=0.01, alpha=0.0,
-                         variance_floor=1e-4):
+                         variance_floor=1e-4, estep_temperature=1.0):
     """Fully connected routing, public layout: votes (N, I, O, P) -> poses (N, O, P), a_out (N, O)."""
     n, I, O, _ = votes.shape
     V = votes.transpose(1, 2)  # (N, O, I, P)
     R0 = torch.full((n, O, I), 1.0 / O, dtype=votes.dtype)
     poses, a_out, _ = reference_route(V, a_in, beta_u, beta_a, R0, softmax_over_parents, iterations=iterations,
-                                      final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor)
+                                      final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
+                                      estep_temperature=estep_temperature)
     return poses, a_out
 
 
@@ -123,7 +124,7 @@ def reference_conv_votes(poses, weight, kernel, stride):
 
 
 def reference_conv_caps(poses, activations, weight, beta_u, beta_a, *, kernel, stride, iterations,
-                        final_lambda=0.01, alpha=0.0, variance_floor=1e-4):
+                        final_lambda=0.01, alpha=0.0, variance_floor=1e-4, estep_temperature=1.0):
     """ConvCaps forward: poses (N, T, 16, H, W), activations (N, T, H, W) ->
     poses (N, O, 16, H', W'), activations (N, O, H', W'), R (N * L, O, I) of the last M-step.
 
@@ -163,7 +164,8 @@ def reference_conv_caps(poses, activations, weight, beta_u, beta_a, *, kernel, s
         return torch.exp(logits - log_z)
 
     mu, a_out, R = reference_route(V, a_in, beta_u, beta_a, R0, normalise, iterations=iterations,
-                                   final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor)
+                                   final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
+                                   estep_temperature=estep_temperature)
     poses_out = mu.view(n, ho, wo, o, P).permute(0, 3, 4, 1, 2)
     a_out = a_out.view(n, ho, wo, o).permute(0, 3, 1, 2)
     return poses_out, a_out, R
@@ -200,7 +202,8 @@ def reference_class_votes(poses, weight, *, coord_add, centre_scale=(1.0, 0.5), 
 
 
 def reference_class_caps(poses, activations, weight, beta_u, beta_a, *, coord_add, centre_scale=(1.0, 0.5),
-                         input_size=1, iterations, final_lambda=0.01, alpha=0.0, variance_floor=1e-4):
+                         input_size=1, iterations, final_lambda=0.01, alpha=0.0, variance_floor=1e-4,
+                         estep_temperature=1.0):
     """ClassCaps forward: -> class poses (N, O, 16), class activations (N, O), R (N, O, I)."""
     n, t, _, h, w = poses.shape
     o = weight.shape[1]
@@ -208,4 +211,5 @@ def reference_class_caps(poses, activations, weight, beta_u, beta_a, *, coord_ad
     a_in = activations.permute(0, 2, 3, 1).reshape(n, h * w * t)  # (row, col, type)
     R0 = torch.full((n, o, h * w * t), 1.0 / o, dtype=poses.dtype)
     return reference_route(V, a_in, beta_u, beta_a, R0, softmax_over_parents, iterations=iterations,
-                           final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor)
+                           final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
+                           estep_temperature=estep_temperature)

@@ -178,3 +178,33 @@ def test_em_routing_matches_reference(alpha):
     for f64, f32, r in zip(fast64, fast32, ref):
         torch.testing.assert_close(f64, r, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(f32.double(), r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer_kind", ["conv", "class"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_estep_temperature_matches_reference(layer_kind, dtype):
+    """model.estep_temperature divides the E-step log-likelihoods: the fast layers agree with the reference,
+    and the temperature really changes the result (the comparison is not vacuous)."""
+    seed, temperature = 11, 4.0
+    torch.manual_seed(seed)
+    routing = RoutingOptions(ITERATIONS, estep_temperature=temperature)
+    if layer_kind == "conv":
+        layer = ConvCaps(2, 3, kernel=3, stride=1, routing=routing)
+
+        def ref_fn(p, a, w, bu, ba, t=temperature):
+            return reference_conv_caps(p, a, w, bu, ba, kernel=3, stride=1, iterations=ITERATIONS,
+                                       estep_temperature=t)
+    else:
+        layer = ClassCaps(2, 3, routing=routing, coord_add=True)
+
+        def ref_fn(p, a, w, bu, ba, t=temperature):
+            return reference_class_caps(p, a, w, bu, ba, coord_add=True, iterations=ITERATIONS, estep_temperature=t)
+    _set_betas(layer, seed)
+    poses, acts = _inputs(seed, 2, 2, 5, 5)
+    fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype)
+    if dtype == torch.float64:
+        _check(fast, fast_grads, ref, ref_grads, rtol=1e-9, atol=1e-9, grad_rtol=1e-7, grad_atol_rel=1e-8)
+    else:
+        _check(fast, fast_grads, ref, ref_grads, rtol=1e-5, atol=1e-5, grad_rtol=1e-5, grad_atol_rel=2e-5)
+    _, _, paper, _ = _fast_and_reference(layer, lambda *args: ref_fn(*args, t=1.0), poses, acts, seed, torch.float64)
+    assert not torch.allclose(ref[1], paper[1]), "temperature 4 routed like temperature 1"

@@ -27,9 +27,11 @@ class CapsNet(nn.Module):
 
     def __init__(self, *, A: int, B: int, C: int, D: int, num_classes: int, in_channels: int = 1,
                  input_size: int = 32, iterations: int = 3, coord_add: bool = True, alpha: float = 0.0,
-                 final_lambda: float = 0.01, variance_floor: float = 1e-4, routing_checkpoint: bool = False):
+                 final_lambda: float = 0.01, variance_floor: float = 1e-4, estep_temperature: float = 1.0,
+                 routing_checkpoint: bool = False):
         super().__init__()
-        routing = RoutingOptions(iterations, final_lambda, alpha, variance_floor, checkpoint=routing_checkpoint)
+        routing = RoutingOptions(iterations, final_lambda, alpha, variance_floor, checkpoint=routing_checkpoint,
+                                 estep_temperature=estep_temperature)
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2)
         self.primary_caps = PrimaryCaps(A, B)

@@ -56,7 +56,7 @@ class RoutingOptions(nn.Module):
     """Routing settings shared by the capsule layers (a Module only so it prints with the model)."""
 
     def __init__(self, iterations: int = 3, final_lambda: float = 0.01, alpha: float = 0.0,
-                 variance_floor: float = 1e-4, checkpoint: bool = False):
+                 variance_floor: float = 1e-4, checkpoint: bool = False, estep_temperature: float = 1.0):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"routing iterations must be >= 1, got {iterations}")
@@ -65,10 +65,12 @@ class RoutingOptions(nn.Module):
         self.alpha = alpha
         self.variance_floor = variance_floor
         self.checkpoint = checkpoint
+        self.estep_temperature = estep_temperature
 
     def extra_repr(self) -> str:
         return (f"iterations={self.iterations}, final_lambda={self.final_lambda}, alpha={self.alpha}, "
-                f"variance_floor={self.variance_floor}, checkpoint={self.checkpoint}")
+                f"variance_floor={self.variance_floor}, estep_temperature={self.estep_temperature}, "
+                f"checkpoint={self.checkpoint}")
 
 
 class CapsuleLayer(nn.Module):
@@ -106,7 +108,8 @@ class CapsuleLayer(nn.Module):
         """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult."""
         opts = self.routing
         return route(V, a_in, self.beta_u, self.beta_a, log_R0, normalise, iterations=opts.iterations,
-                     final_lambda=opts.final_lambda, alpha=opts.alpha, variance_floor=opts.variance_floor)
+                     final_lambda=opts.final_lambda, alpha=opts.alpha, variance_floor=opts.variance_floor,
+                     estep_temperature=opts.estep_temperature)
 
     def _record(self, a_out: torch.Tensor, images: int, entropy_per_child: torch.Tensor) -> None:
         """Keep detached statistics of the last forward (tensors: read on the host only when logged).

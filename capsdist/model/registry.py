@@ -32,4 +32,5 @@ def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: in
     return CapsNet(**widths, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
                    iterations=model_cfg.iterations, coord_add=model_cfg.coord_add, alpha=model_cfg.alpha,
                    final_lambda=model_cfg.final_lambda, variance_floor=model_cfg.variance_floor,
+                   estep_temperature=model_cfg.estep_temperature,
                    routing_checkpoint=model_cfg.routing_checkpoint)

@@ -24,7 +24,10 @@ One iteration of Procedure 1:
             cost_jh    = (beta_u + log sigma_jh) * sum_i Ra_ij
             a_j        = logistic(lambda * (beta_a - sum_h cost_jh))
     E-step  log p_ij   = -sum_h (V_ijh - mu_jh)^2 / (2 sigma_sq_jh) - sum_h log sigma_jh - P/2 log(2 pi)
-            R_ij       = softmax over every parent j that receives child i of (log p_ij + log a_j)  (fix 1)
+            R_ij       = softmax over every parent j that receives child i of (log p_ij / T + log a_j)  (fix 1)
+            T, the E-step temperature, is 1 in the paper. A sum over P = 16 pose entries makes log p so sharp
+            that after two E-steps each child goes to one parent, and learning slows several-fold with each
+            iteration (docs/results.md); T > 1 softens the assignments (T = 16: the mean log-density per entry).
 
 Gritzman (2019), "Avoiding implementation pitfalls of matrix capsule networks with EM routing":
     fix 1  parents at different positions compete for the same child: in conv layers the E-step normalises a
@@ -95,6 +98,7 @@ def route(
     final_lambda: float = 0.01,
     alpha: float = 0.0,
     variance_floor: float = 1e-4,
+    estep_temperature: float = 1.0,
 ) -> RoutingResult:
     """EM routing in the internal layout. Runs in float32 (float64 if given) whatever the autocast state.
 
@@ -102,7 +106,7 @@ def route(
     a_in (N', I); beta_u, beta_a (O,); log_R0 (N', O, I) initial log assignments (uniform over each child's
     parents); `normalise` maps E-step log-likelihoods (N', O, I) to log R.
     `alpha` is the moving average of poses across iterations (0 in the paper, 0.1 in the authors' code):
-    mu_t = (1 - alpha) * mu_new + alpha * mu_(t-1).
+    mu_t = (1 - alpha) * mu_new + alpha * mu_(t-1). `estep_temperature` divides the E-step log-likelihoods.
     """
     if iterations < 1:
         raise ValueError(f"routing needs at least one iteration, got {iterations}")
@@ -143,7 +147,8 @@ def route(
             coef = torch.cat([-2.0 * mu * inv, inv], dim=-1)  # (N', O, 2P)
             dist = votes.quadratic(coef) + (mu * mu * inv).sum(-1, keepdim=True)  # (N', O, I)
             log_p = -0.5 * dist.clamp_min(0.0) - 0.5 * log_sigma_sq.sum(-1, keepdim=True) - 0.5 * P * LOG_2PI
-            log_R = normalise(log_p + F.logsigmoid(logit).unsqueeze(-1))  # log a_j, finite even where a_j underflows
+            # log a_j by logsigmoid: finite even where a_j underflows
+            log_R = normalise(log_p / estep_temperature + F.logsigmoid(logit).unsqueeze(-1))
         poses = mu + centre
     return RoutingResult(poses, a_out, log_R)
 
@@ -158,6 +163,7 @@ def em_routing(
     final_lambda: float = 0.01,
     alpha: float = 0.0,
     variance_floor: float = 1e-4,
+    estep_temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fully connected EM routing, the public functional form.
 
@@ -174,5 +180,6 @@ def em_routing(
     result = route(
         V, a_in, beta_u, beta_a, log_R0, normalise_over_parents,
         iterations=iterations, final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
+        estep_temperature=estep_temperature,
     )
     return result.poses, result.a_out
