@@ -35,12 +35,12 @@ class ModelConfig:
     B: int = _num(0, 0)  # primary capsule types; 0 = preset
     C: int = _num(0, 0)  # ConvCaps1 capsule types; 0 = preset
     D: int = _num(0, 0)  # ConvCaps2 capsule types; 0 = preset
-    iterations: int = _num(3, 1)  # EM routing iterations (paper: 3)
+    iterations: int = _num(2, 1)  # EM routing iterations (paper: 3; 2 learns faster, docs/results.md)
     alpha: float = _num(0.0, 0.0, 1.0)  # moving average of poses across iterations (paper 0, authors' code 0.1)
     coord_add: bool = True  # add scaled coordinates to class-capsule votes (paper)
     final_lambda: float = _num(0.01, 0.0, open_lo=True)  # inverse temperature limit: lambda_t = it * (1 - 0.95^(t+1))
     variance_floor: float = _num(1e-4, 0.0, open_lo=True)  # added to every parent variance (Gritzman's fix 2)
-    estep_temperature: float = _num(1.0, 0.0, open_lo=True)  # E-step log-likelihoods are divided by it (paper: 1)
+    estep_temperature: float = _num(4.0, 0.0, open_lo=True)  # E-step log-likelihoods / T (paper 1; 4 learns faster)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
 
 
@@ -63,9 +63,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     name: Literal["adam", "adamw"] = "adam"  # seed: optimizer
-    lr: float = _num(3e-3, 0.0, open_lo=True)  # peak learning rate (seed: learning_rate)
+    lr: float = _num(1e-2, 0.0, open_lo=True)  # learning rate at step 0 (paper 3e-3; 1e-2 learns faster)
     weight_decay: float = _num(0.0, 0.0)  # L2 (adam) or decoupled (adamw) decay
-    schedule: Literal["exponential", "cosine"] = "exponential"  # lr schedule over global steps
+    schedule: Literal["exponential", "cosine"] = "cosine"  # lr schedule over global steps (paper: exponential)
     lr_decay_rate: float = 0.96  # exponential: decay factor per lr_decay_steps; <= 0 disables decay
     lr_decay_steps: int = _num(20000, 1)  # exponential: global steps per decay factor
     final_lr_ratio: float = _num(0.01, 0.0, 1.0)  # cosine: lr at the last step of the run, as a fraction of lr

@@ -28,12 +28,13 @@ def test_paper_configs_pin_the_papers_setup_whatever_the_defaults(size):
     """paper-*.yaml set every recipe key themselves, so they stay the paper's setup when the defaults change."""
     cfg = load_config(CONFIGS / f"paper-{size}.yaml")
     assert (cfg.model.size, cfg.model.iterations, cfg.model.alpha, cfg.model.final_lambda) == (size, 3, 0.0, 0.01)
+    assert cfg.model.estep_temperature == 1.0
     assert (cfg.loss.name, cfg.loss.margin_schedule, cfg.loss.max_margin_steps) == ("spread_loss", "linear", 20000)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.optim.lr_decay_rate) == ("adam", 3e-3, "exponential", 0.96)
     assert (cfg.data.dataset, cfg.train.batch_size) == ("smallnorb", 64)
     text = (CONFIGS / f"paper-{size}.yaml").read_text()
-    for key in ("iterations:", "alpha:", "final_lambda:", "variance_floor:", "lr:", "schedule:", "margin_schedule:",
-                "max_margin_steps:", "batch_size:"):
+    for key in ("iterations:", "estep_temperature:", "alpha:", "final_lambda:", "variance_floor:", "lr:", "schedule:",
+                "margin_schedule:", "max_margin_steps:", "batch_size:"):
         assert key in text, key
 
 
@@ -86,7 +87,7 @@ def test_resolved_config_round_trips_and_user_file_is_untouched(tmp_path):
     assert path.read_text() == before
     again = config_from_dict(yaml.safe_load((tmp_path / "resolved.yaml").read_text()), "resolved.yaml")
     assert config_dict(again) == config_dict(cfg)
-    assert config_dict(Config())["optim"]["lr"] == pytest.approx(3e-3)
+    assert config_dict(Config())["optim"]["lr"] == pytest.approx(1e-2)
 
 
 def test_learning_rate_schedules_are_functions_of_the_global_step():
@@ -95,10 +96,10 @@ def test_learning_rate_schedules_are_functions_of_the_global_step():
     from capsdist.config import OptimConfig
     from capsdist.train.setup import lr_factor
 
-    paper = OptimConfig(lr_decay_rate=0.96, lr_decay_steps=20000)
+    paper = OptimConfig(schedule="exponential", lr_decay_rate=0.96, lr_decay_steps=20000)
     assert lr_factor(0, paper, 100) == 1.0
     assert math.isclose(lr_factor(40000, paper, 100), 0.96 ** 2)  # ignores the run length
-    assert lr_factor(5, OptimConfig(lr_decay_rate=0.0), 100) == 1.0  # decay disabled
+    assert lr_factor(5, OptimConfig(schedule="exponential", lr_decay_rate=0.0), 100) == 1.0  # decay disabled
     cosine = OptimConfig(schedule="cosine", final_lr_ratio=0.1)
     assert lr_factor(0, cosine, 1000) == 1.0
     assert math.isclose(lr_factor(500, cosine, 1000), 0.1 + 0.9 * 0.5)  # half way: half way down
