@@ -26,6 +26,7 @@ def test_small_cnn_is_about_the_size_of_the_small_capsule_net(channels, size, cl
     cnn = BaselineCNN.from_preset("cnn-small", num_classes=classes, in_channels=channels, input_size=size)
     caps = CapsNet.from_preset("small", num_classes=classes, in_channels=channels, input_size=size)
     assert abs(_count(cnn) - _count(caps)) <= 0.1 * _count(caps), (_count(cnn), _count(caps))
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in cnn.modules())
 
 
 @pytest.mark.parametrize("preset", list(CNN_PRESETS))
