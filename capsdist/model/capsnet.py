@@ -23,6 +23,8 @@ class CapsNet(nn.Module):
 
     forward(images (N, C, H, W)) -> class activations (N, classes) in (0, 1);
     with return_poses=True also class poses (N, classes, 16).
+    The constructor's routing defaults are the paper's (3 iterations, E-step temperature 1); the run config's
+    defaults (capsdist.config.ModelConfig) carry capsdist's measured recipe.
     """
 
     def __init__(self, *, A: int, B: int, C: int, D: int, num_classes: int, in_channels: int = 1,
