@@ -1,8 +1,9 @@
 """Shared fixtures and helpers of the trainer tests: tiny shards, a tiny run config, launching runs.
 
 Import the fixtures into a test module with `from train_helpers import tiny_config  # noqa: F401`.
-The tiny model (A=8, B=C=D=4, one routing iteration) on 320 + 64 Fashion-MNIST images makes a
-training step take a few milliseconds, so the tests measure the trainer, not the network.
+The tiny model (A=8, B=C=D=4, one routing iteration) on 320 + 64 Fashion-MNIST-format images makes a
+training step take a few milliseconds, so the tests measure the trainer, not the network. The images are
+written by the tests themselves (IDX files, then shards), so nothing outside the repository is needed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
-MINI = REPO / "shards" / "fashion-mnist-mini"
 TRAIN, TEST, BATCH = 320, 64, 16  # tiny split sizes; val = 10% of TRAIN; global batch
 STEPS_PER_EPOCH = (TRAIN - TRAIN // 10) // BATCH  # 18
 
@@ -39,17 +38,16 @@ TINY = {
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
-    """320 train / 64 test Fashion-MNIST samples as shards (from the IDX files, else the mini set)."""
-    if not IDX_DIR.is_dir():
-        if not (MINI / "manifest.json").is_file():
-            pytest.skip(f"neither {IDX_DIR} nor {MINI} is available")
-        return MINI
+    """320 train / 64 test Fashion-MNIST-format samples as shards, prepared from IDX files the test writes."""
     from capsdist.data.shards import prepare
+    from test_data_formats import make_idx_source, trust
 
-    out = tmp_path_factory.mktemp("shards") / "fm-tiny"
-    prepare("fashion-mnist", out, source=IDX_DIR, subset={"train": TRAIN, "test": TEST}, shard_size=100,
-            log=lambda message: None)
-    return out
+    root = tmp_path_factory.mktemp("shards")
+    make_idx_source(root / "idx", TRAIN, TEST, gz=False)
+    with pytest.MonkeyPatch.context() as mp:
+        trust(mp, "fashion-mnist", root / "idx")
+        prepare("fashion-mnist", root / "fm-tiny", source=root / "idx", shard_size=100, log=lambda message: None)
+    return root / "fm-tiny"
 
 
 @pytest.fixture
