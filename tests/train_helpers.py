@@ -132,6 +132,6 @@ def weights(checkpoint: Path) -> dict:
 
 
 def train_state(checkpoint: Path) -> dict:
-    import torch
+    from capsdist.train.checkpoint import read_state
 
-    return torch.load(Path(checkpoint) / "custom_checkpoint_0.pkl", weights_only=False)
+    return read_state(Path(checkpoint))["train"]

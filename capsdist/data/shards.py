@@ -35,6 +35,7 @@ import capsdist
 from capsdist.data.manifest import FORMAT, MANIFEST, Manifest, load_manifest, manifest_json
 from capsdist.data.sources import RawSplit, fetch, load_split, locate, spec
 from capsdist.errors import DataError
+from capsdist.files import sha256_file, write_atomic
 
 SHUFFLE_SEED = 20180501  # fixed: the same raw files always give the same shards
 MARKER = ".prepare-incomplete"
@@ -90,7 +91,7 @@ def prepare(dataset: str, out: Path, *, source: Path | None = None, shard_size: 
         "sources": sources,
         "capsdist_version": capsdist.__version__,
     }
-    _write_atomic(out / MANIFEST, manifest_json(raw_manifest).encode())
+    write_atomic(out / MANIFEST, manifest_json(raw_manifest).encode())
     (out / MARKER).unlink()
     log(f"{out}: wrote " + ", ".join(f"{k} {v['num_samples']} samples in {len(v['shards'])} shards"
                                     for k, v in splits.items()))
@@ -172,17 +173,9 @@ def verify(manifest: Manifest) -> None:
             if not path.is_file():
                 raise DataError(f"shard {path} is missing; delete {manifest.location} and run: "
                                 f"{manifest.prepare_command()}")
-            if _sha256(path) != shard.sha256:
+            if sha256_file(path) != shard.sha256:
                 raise DataError(f"shard {path} does not match its sha256 in the manifest (corrupt or "
                                 f"changed); delete {manifest.location} and run: {manifest.prepare_command()}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _clear_leftovers(out: Path) -> None:
@@ -195,13 +188,3 @@ def _clear_leftovers(out: Path) -> None:
         return
     for path in ours:
         path.unlink()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync and rename."""
-    tmp = path.with_name(".tmp-" + path.name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

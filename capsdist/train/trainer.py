@@ -75,7 +75,6 @@ class Trainer:
         # The scheduler is not prepared: Accelerate would step it once per process per step.
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
-        acc.register_for_checkpointing(self.state, self.scheduler)  # custom_checkpoint_0 is the state
         self.loss_fn = make_loss(cfg.loss.name, margin_schedule=cfg.loss.margin_schedule,
                                  max_margin_steps=cfg.loss.max_margin_steps)
         if self.resume_from is not None:
@@ -97,12 +96,11 @@ class Trainer:
                                   "or start elsewhere with --run-dir")
             return None
         if resume == "auto":
-            found = checkpoint.step_checkpoints(self.run_dir)
-            return found[-1] if found else None
+            return checkpoint.latest(self.run_dir)
         return checkpoint.resolve(self.run_dir, resume)
 
     def _restore(self) -> None:
-        checkpoint.load(self.accelerator, self.resume_from, self.state)
+        checkpoint.load(self.accelerator, self.resume_from, self.state, self.scheduler)
         if self.state.batch_size != self.cfg.train.batch_size:
             raise CheckpointError(f"{self.resume_from}: written with train.batch_size {self.state.batch_size}, "
                                   f"the config says {self.cfg.train.batch_size}; global batch must not change on resume")
@@ -110,6 +108,7 @@ class Trainer:
             log.warning("resuming a %d-process checkpoint on %d processes: continuing at global sample %d",
                         self.state.world_size, self.world, self.state.samples_seen)
         self.state.world_size = self.world
+        checkpoint.abandon_newer(self.accelerator, self.run_dir, self.state)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_from, self.state.step,
                  self.state.epoch, self.state.batch_in_epoch)
 
@@ -272,7 +271,7 @@ class Trainer:
         if self._saved_step == self.state.step:
             return path
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
-        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
+        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.scheduler, self.cfg.checkpoint.keep_last)
         self._saved_step = self.state.step
         return path
 
