@@ -10,7 +10,7 @@ from accelerate import Accelerator
 
 from capsdist.config import Config
 from capsdist.data.pipeline import DataOptions, input_shape, load_manifest
-from capsdist.data.manifest import prepare_command
+from capsdist.data.manifest import is_remote, prepare_command
 from capsdist.data.shards import prepare
 from capsdist.errors import DataError
 from capsdist.model import CapsNet
@@ -40,7 +40,7 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
     when it fails (offline), the DataError gives the exact prepare command to run by hand.
     The other ranks wait at a barrier and then read the same manifest.
     """
-    if "://" in cfg.shards or (Path(cfg.shards) / "manifest.json").is_file():
+    if is_remote(cfg.shards) or (Path(cfg.shards) / "manifest.json").is_file():  # a URL or pipe: is never prepared
         return load_manifest(opts.shards)
     command = prepare_command(cfg.data.dataset, cfg.shards)
     if cfg.data.prepare == "never":
