@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 
 from capsdist.config import load_config
-from capsdist.data import shards
 from capsdist.data.shards import png
 from capsdist.data.pipeline import DataOptions, eval_loader, load_manifest
 from capsdist.errors import DataError
 from capsdist.train.setup import data_options, load_data
-from test_data_formats import make_idx_source, trust
+from test_data_formats import prepare_idx_shards
 
 N_TRAIN, N_TEST = 40, 20
 
@@ -30,12 +29,7 @@ N_TRAIN, N_TEST = 40, 20
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """A tiny Fashion-MNIST-format dataset, 10 samples per shard (do not modify: copy it)."""
-    root = tmp_path_factory.mktemp("fm")
-    make_idx_source(root / "idx", N_TRAIN, N_TEST, gz=False)
-    with pytest.MonkeyPatch.context() as mp:
-        trust(mp, "fashion-mnist", root / "idx")
-        shards.prepare("fashion-mnist", root / "shards", source=root / "idx", shard_size=10, log=lambda _: None)
-    return root / "shards"
+    return prepare_idx_shards(tmp_path_factory.mktemp("fm"), N_TRAIN, N_TEST, shard_size=10)
 
 
 @pytest.fixture

@@ -39,15 +39,9 @@ TINY = {
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """320 train / 64 test Fashion-MNIST-format samples as shards, prepared from IDX files the test writes."""
-    from capsdist.data.shards import prepare
-    from test_data_formats import make_idx_source, trust
+    from test_data_formats import prepare_idx_shards
 
-    root = tmp_path_factory.mktemp("shards")
-    make_idx_source(root / "idx", TRAIN, TEST, gz=False)
-    with pytest.MonkeyPatch.context() as mp:
-        trust(mp, "fashion-mnist", root / "idx")
-        prepare("fashion-mnist", root / "fm-tiny", source=root / "idx", shard_size=100, log=lambda message: None)
-    return root / "fm-tiny"
+    return prepare_idx_shards(tmp_path_factory.mktemp("fm-tiny"), TRAIN, TEST, shard_size=100)
 
 
 @pytest.fixture
