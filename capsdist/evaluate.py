@@ -77,17 +77,17 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader, loss_fn, 
     }
 
 
-def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test") -> dict:
+def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test", overrides: list[str] = ()) -> dict:
     """Evaluate a run's checkpoint (`best`, `latest` or a path) on `split`; print and write JSON.
 
-    The model and data settings come from run_dir/config.yaml. Returns the result dict (without
+    The model and data settings come from run_dir/config.yaml, with `overrides` ("a.b=c") applied. Returns the result dict (without
     images) on every rank; rank 0 prints it and writes run_dir/eval-<checkpoint>-<split>.json.
     """
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing; is {run_dir} a capsdist run directory?")
-    cfg = config_from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()), str(config_file), overrides)
     path = checkpoint.resolve(run_dir, which)
     accelerator = make_accelerator(cfg)
     opts = data_options(cfg)
