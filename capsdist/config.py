@@ -79,7 +79,7 @@ class TrainConfig:
     batch_size: int = _num(64, 1)  # global batch; divided evenly over processes
     epochs: int = _num(100, 1)  # passes over the training split
     max_steps: int = _num(0, 0)  # stop after this many global steps; 0 = run all epochs
-    seed: int = 0  # model init and data order
+    seed: int = _num(0, 0, 2**32 - 1)  # model init and data order (numpy seeds are 32-bit)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # via Accelerate; routing stays float32
     compile: bool = False  # torch.compile the model
     max_nonfinite: int = _num(5, 1)  # consecutive non-finite losses that stop the run

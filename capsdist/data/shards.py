@@ -56,6 +56,11 @@ def prepare(dataset: str, out: Path, *, source: Path | None = None, shard_size: 
     if subset and not set(subset) <= set(ds.files):
         raise DataError(f"--subset names unknown splits {sorted(set(subset) - set(ds.files))}; "
                         f"{dataset} has {sorted(ds.files)}")
+    for split, n in (subset or {}).items():
+        if n < 1:
+            raise DataError(f"--subset {split}={n}: sizes must be at least 1")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory; choose a directory for the shards")
     if (out / MANIFEST).exists():
         manifest = load_manifest(out)
         if manifest.dataset != dataset or manifest.subset != subset:

@@ -12,7 +12,8 @@ from capsdist.config import Config
 from capsdist.data.pipeline import DataOptions, input_shape, load_manifest
 from capsdist.data.manifest import is_remote, prepare_command
 from capsdist.data.shards import prepare
-from capsdist.errors import DataError
+from capsdist.data.sources import DATASETS
+from capsdist.errors import ConfigError, DataError
 from capsdist.model import CapsNet
 from capsdist.model import build_model as model_from_config
 
@@ -42,6 +43,9 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
     """
     if is_remote(cfg.shards) or (Path(cfg.shards) / "manifest.json").is_file():  # a URL or pipe: is never prepared
         return load_manifest(opts.shards)
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset: unknown dataset {cfg.data.dataset!r}; known: {', '.join(DATASETS)} "
+                          f"(or point data.shards at prepared shards; {cfg.shards} holds no manifest.json)")
     command = prepare_command(cfg.data.dataset, cfg.shards)
     if cfg.data.prepare == "never":
         raise DataError(f"{cfg.shards}: no prepared {cfg.data.dataset} shards (no manifest.json); run `{command}` "
