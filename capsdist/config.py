@@ -54,6 +54,7 @@ class DataConfig:
     num_workers: int = _num(2, 0)  # data loader workers per process
     shuffle_buffer: int = _num(1000, 1)  # WebDataset shuffle buffer (samples)
     skip_corrupt: bool = False  # skip corrupt samples instead of failing
+    max_skipped_fraction: float = _num(0.01, 0.0, 1.0)  # skip_corrupt: stop when an epoch loses more than this
     prepare: Literal["auto", "never"] = "auto"  # auto: rank 0 prepares missing shards
 
 

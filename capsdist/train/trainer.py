@@ -186,7 +186,7 @@ class Trainer:
             if state.step >= self.total_steps:
                 return last_eval
             tick = time.perf_counter()
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        state.epoch, state.batch_in_epoch, state.epoch_skipped = state.epoch + 1, 0, 0
         return self._evaluate_and_save()
 
     def _train_step(self, batch) -> float | None:
@@ -198,9 +198,9 @@ class Trainer:
         loss, margin = self.loss_fn(acts, labels, state.step)
         finite = bool(torch.isfinite(loss))
         local = torch.tensor([0.0 if finite else 1.0, 1.0 if self._signal else 0.0,
-                              float((acts.argmax(1) == labels).sum()), loss.item() * len(labels) if finite else 0.0],
-                             dtype=torch.float64, device=acc.device)
-        nonfinite, stop, correct, loss_sum = acc.reduce(local, "sum").tolist()  # the step's one collective
+                              float((acts.argmax(1) == labels).sum()), loss.item() * len(labels) if finite else 0.0,
+                              float(batch.skipped)], dtype=torch.float64, device=acc.device)
+        nonfinite, stop, correct, loss_sum, skipped = acc.reduce(local, "sum").tolist()  # the step's one collective
         lr = self.scheduler.get_last_lr()[0]
         if nonfinite:  # every rank skips backward and update together
             self.optimizer.zero_grad(set_to_none=True)
@@ -222,7 +222,7 @@ class Trainer:
         self._stop = bool(stop)
         mean_loss = None if nonfinite else loss_sum / batch_size
         values = {"train/loss": mean_loss, "train/accuracy": correct / batch_size, "lr": lr,
-                  "epoch": state.epoch, "train/nonfinite_total": state.nonfinite_total}
+                  "epoch": state.epoch, "train/nonfinite_total": state.nonfinite_total, **self._count_skipped(int(skipped))}
         if not math.isnan(margin):
             values["margin"] = margin
         self.tracker.log(values, state.step)
@@ -230,6 +230,22 @@ class Trainer:
             raise TrainingError(f"{self._nonfinite_run} non-finite losses in a row at step {state.step}; lower "
                                 f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto")
         return mean_loss
+
+    def _count_skipped(self, skipped: int) -> dict:
+        """Count corrupt samples skipped this step (all ranks); warn on the first; TrainingError when the epoch
+        has lost more than data.max_skipped_fraction of its samples. Returns the values to log."""
+        state, limit = self.state, self.cfg.data.max_skipped_fraction
+        if skipped and not state.skipped_total:
+            log.warning("step %d: %d corrupt training samples skipped (data.skip_corrupt); their slots repeat good "
+                        "samples; prepare the dataset again: %s", state.step, skipped, self.manifest.prepare_command())
+        state.skipped_total += skipped
+        state.epoch_skipped += skipped
+        epoch_samples = self.steps_per_epoch * self.cfg.train.batch_size
+        if state.epoch_skipped > limit * epoch_samples:
+            raise TrainingError(f"epoch {state.epoch}: {state.epoch_skipped} corrupt training samples skipped, more "
+                                f"than data.max_skipped_fraction {limit} of its {epoch_samples}; prepare the dataset "
+                                f"again ({self.manifest.prepare_command()}) or raise data.max_skipped_fraction")
+        return {"train/skipped": skipped, "train/skipped_total": state.skipped_total}
 
     def _throughput(self, window: "_Window") -> dict:
         values = {"perf/images_per_s": window.images_per_s, "perf/images_per_s_per_process": window.images_per_s / self.world,
