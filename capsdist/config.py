@@ -84,6 +84,7 @@ class TrainConfig:
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # via Accelerate; routing stays float32
     compile: bool = False  # torch.compile the model
     max_nonfinite: int = _num(5, 1)  # consecutive non-finite losses that stop the run
+    collective_timeout_s: int = _num(600, 1)  # a rank waiting longer than this for the others stops the run
 
 
 @dataclass

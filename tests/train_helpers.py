@@ -62,11 +62,11 @@ def free_port() -> int:
 
 
 def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
-    """The command line of launch/train.py on 1 process (python) or `procs` CPU processes (accelerate)."""
+    """The command line of launch/train.py on 1 process (python) or `procs` CPU processes (capsdist.launch)."""
     script = [str(REPO / "launch" / "train.py"), "--config", str(config), *args]
     if procs == 1:
         return [sys.executable, *script]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    return [sys.executable, "-m", "capsdist.launch", "--config_file",
             str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "--num_processes", str(procs),
             "--main_process_port", str(free_port()), *script]
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from capsdist.config import Config
 from capsdist.data.pipeline import DataOptions, input_shape, load_manifest
@@ -20,9 +22,12 @@ from capsdist.model import build_model as model_from_config
 
 def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     """The run's Accelerator. Without CUDA it is created with cpu=True: a multi-process launch on CPU
-    (accelerate launch --multi_gpu / use_cpu config, torchrun) otherwise gives N separate 1-process runs."""
+    (accelerate launch --multi_gpu / use_cpu config, torchrun) otherwise gives N separate 1-process runs.
+    Every collective (all-reduce, barrier, gather) gives up after train.collective_timeout_s."""
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-                       log_with=log_with, dynamo_backend="inductor" if cfg.train.compile else "no")
+                       log_with=log_with, dynamo_backend="inductor" if cfg.train.compile else "no",
+                       kwargs_handlers=[timeout])
 
 
 def data_options(cfg: Config) -> DataOptions:

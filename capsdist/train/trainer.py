@@ -137,6 +137,13 @@ class Trainer:
             if not self._stop and last_eval.get("step") != state.step:
                 last_eval = self._evaluate_and_save()
             self._save()
+        except RuntimeError as err:
+            if not _peer_lost(err):
+                raise
+            raise TrainingError(f"no answer from another process within train.collective_timeout_s="
+                                f"{self.cfg.train.collective_timeout_s} s, or it died ({str(err).splitlines()[0]}); "
+                                f"the checkpoints are kept: once every process is healthy, resume with --resume auto "
+                                f"--run-dir {self.run_dir}") from None
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -322,6 +329,11 @@ def _peak_memory_mb(accelerator: Accelerator) -> float:
     if accelerator.device.type == "cuda":
         return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _peer_lost(err: RuntimeError) -> bool:
+    """Whether a collective failed because another rank timed out or died (gloo raises RuntimeError, NCCL DistError)."""
+    return isinstance(err, torch.distributed.DistError) or "gloo" in str(err)
 
 
 def _is_main_env() -> bool:
