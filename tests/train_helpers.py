@@ -73,16 +73,16 @@ def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """Run to completion in the repository root, output captured as text."""
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env())
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start in the background (own process group), stdout and stderr to `log`."""
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_env(),
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=run_env(),
                             start_new_session=True)
 
 
-def _env() -> dict:
+def run_env() -> dict:
     """The runs' environment: unbuffered, one thread per process, and no W&B credentials (hermetic)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "NETRC": os.devnull}
