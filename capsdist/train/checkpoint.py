@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as safe_load
 
 from capsdist.errors import CheckpointError, TrainingError
@@ -227,23 +228,27 @@ def abandon_newer(accelerator: Accelerator, run_dir: str | Path, state: TrainSta
     checkpoints/abandoned-<time>/ (rank 0; all ranks wait). The run now continues from the older
     checkpoint; `best` is chosen again from here. Returns the folder, or None when nothing was newer."""
     accelerator.wait_for_everyone()  # every rank has chosen and loaded its checkpoint
-    root = checkpoint_dir(run_dir)
-    newer = [path for step, path in _step_dirs(run_dir) if step > state.step]
-    best = root / "best"
-    _recover(best)
-    if best.is_dir() and (verify(best) is not None or read_state(best)["train"]["step"] > state.step):
-        newer.append(best)
+    decision = [None, False]  # (folder, whether `best` went with it), decided by rank 0 for all
+    if accelerator.is_main_process:
+        root = checkpoint_dir(run_dir)
+        newer = [path for step, path in _step_dirs(run_dir) if step > state.step]
+        best = root / "best"
+        _recover(best)
+        if best.is_dir() and (verify(best) is not None or read_state(best)["train"]["step"] > state.step):
+            newer.append(best)
+        if newer:
+            target = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+            target.mkdir()
+            for path in newer:
+                path.rename(target / path.name)
+            fsync_dir(root)
+            log.warning("resuming at step %d: moved the newer checkpoints %s to %s", state.step,
+                        ", ".join(p.name for p in newer), target)
+            decision = [str(target), best in newer]
+    folder, best_moved = broadcast_object_list(decision)
+    if best_moved:  # every rank must agree on when `best` improves (copy_to_best waits for all)
         state.best_metric, state.best_step = -math.inf, -1
-    target = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}" if newer else None
-    if target is not None and accelerator.is_main_process:
-        target.mkdir()
-        for path in newer:
-            path.rename(target / path.name)
-        fsync_dir(root)
-        log.warning("resuming at step %d: moved the newer checkpoints %s to %s", state.step,
-                    ", ".join(p.name for p in newer), target)
-    accelerator.wait_for_everyone()
-    return target
+    return Path(folder) if folder else None
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -261,11 +266,14 @@ def _replace(tmp: Path, final: Path) -> None:
 
 def _recover(final: Path) -> None:
     """Put back `final` when a kill inside `_replace` left only `.tmp-<name>` (complete) or `.old-<name>`."""
-    if final.exists():
-        return
     for aside in (final.with_name(f".tmp-{final.name}"), final.with_name(f".old-{final.name}")):
+        if final.exists():
+            return
         if aside.is_dir() and verify(aside) is None:
-            aside.rename(final)
+            try:
+                aside.rename(final)
+            except OSError:  # another process (evaluate or resume on several ranks) restored it first
+                continue
             log.warning("restored %s from %s (a previous run was killed while replacing it)", final, aside.name)
             return
 
