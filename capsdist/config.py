@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from capsdist.errors import ConfigError
+from capsdist.files import write_atomic
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
@@ -267,10 +268,7 @@ def config_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML to `path` (in the run directory), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())
 
 
 def config_from_dict(values: dict, source: str, overrides: list[str] = ()) -> Config:

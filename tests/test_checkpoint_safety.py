@@ -193,3 +193,17 @@ def test_a_kill_while_replacing_best_keeps_a_best(run_dir):
     assert checkpoint.resolve(run_dir, "best") == root / "best"
     assert train_state(root / "best")["step"] == 6  # the new best, complete before the kill
     assert not (root / ".tmp-best").exists()
+
+
+def test_unusable_checkpoints_are_moved_aside_never_deleted(run_dir):
+    """Only unusable checkpoints (here: the older, pickled format): --resume none refuses, --resume auto starts
+    afresh and keeps them in abandoned-<time>/ instead of letting retention delete them."""
+    for path in (run_dir / "checkpoints").iterdir():
+        (path / checkpoint.META).unlink()
+    refused = run(train_command(run_dir / "config.yaml", "--resume", "none", "--max-steps", "2"))
+    assert refused.returncode == 2 and "already holds checkpoints" in refused.stderr
+    fresh = run(train_command(run_dir / "config.yaml", "--resume", "auto", "--max-steps", "4"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert [m["step"] for m in metrics(run_dir) if "event/start" in m][-1] == 0
+    (abandoned,) = (run_dir / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in abandoned.iterdir()) == ["best", "step-0000003", "step-0000006"]

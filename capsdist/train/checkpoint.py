@@ -93,10 +93,10 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
 
 def step_checkpoints(run_dir: str | Path) -> list[Path]:
     """Step checkpoints of the run that have their checkpoint.json, oldest first (not yet verified)."""
-    return [path for _, path in _step_dirs(run_dir) if (path / META).is_file()]
+    return [path for _, path in step_dirs(run_dir) if (path / META).is_file()]
 
 
-def _step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
+def step_dirs(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every `step-*` directory, complete or not, oldest first."""
     root = checkpoint_dir(run_dir)
     if not root.is_dir():
@@ -137,7 +137,7 @@ def verify(path: Path) -> str | None:
 
 def latest(run_dir: str | Path) -> Path | None:
     """The newest step checkpoint that verifies; a warning names each newer one that does not."""
-    for _, path in reversed(_step_dirs(run_dir)):
+    for _, path in reversed(step_dirs(run_dir)):
         problem = verify(path)
         if problem is None:
             return path
@@ -205,7 +205,7 @@ def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, sched
                                              "files": files}, indent=1).encode())
         _replace(tmp, final)
         keep = set(step_checkpoints(run_dir)[-keep_last:])
-        for _, old in _step_dirs(run_dir):
+        for _, old in step_dirs(run_dir):
             if old not in keep:
                 _discard(old)
     accelerator.wait_for_everyone()
@@ -226,12 +226,13 @@ def copy_to_best(accelerator: Accelerator, source: Path) -> None:
 def abandon_newer(accelerator: Accelerator, run_dir: str | Path, state: TrainState) -> Path | None:
     """Move step checkpoints newer than `state.step` (and a newer or unusable `best`) to
     checkpoints/abandoned-<time>/ (rank 0; all ranks wait). The run now continues from the older
-    checkpoint; `best` is chosen again from here. Returns the folder, or None when nothing was newer."""
+    checkpoint (or from scratch, when none was usable); `best` is chosen again from here. Nothing is
+    deleted. Returns the folder, or None when nothing was newer."""
     accelerator.wait_for_everyone()  # every rank has chosen and loaded its checkpoint
     decision = [None, False]  # (folder, whether `best` went with it), decided by rank 0 for all
     if accelerator.is_main_process:
         root = checkpoint_dir(run_dir)
-        newer = [path for step, path in _step_dirs(run_dir) if step > state.step]
+        newer = [path for step, path in step_dirs(run_dir) if step > state.step]
         best = root / "best"
         _recover(best)
         if best.is_dir() and (verify(best) is not None or read_state(best)["train"]["step"] > state.step):

@@ -79,6 +79,7 @@ class Trainer:
                                  max_margin_steps=cfg.loss.max_margin_steps)
         if self.resume_from is not None:
             self._restore()
+        checkpoint.abandon_newer(acc, self.run_dir, self.state)  # whatever is newer than where this run starts
         if acc.is_main_process:
             self._save_config()
         if wandb_kwargs:
@@ -91,7 +92,7 @@ class Trainer:
 
     def _resume_path(self, resume: str) -> Path | None:
         if resume == "none":
-            if checkpoint.step_checkpoints(self.run_dir):
+            if checkpoint.step_dirs(self.run_dir):
                 raise ConfigError(f"{self.run_dir}: already holds checkpoints; continue it with --resume auto "
                                   "or start elsewhere with --run-dir")
             return None
@@ -108,7 +109,6 @@ class Trainer:
             log.warning("resuming a %d-process checkpoint on %d processes: continuing at global sample %d",
                         self.state.world_size, self.world, self.state.samples_seen)
         self.state.world_size = self.world
-        checkpoint.abandon_newer(self.accelerator, self.run_dir, self.state)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_from, self.state.step,
                  self.state.epoch, self.state.batch_in_epoch)
 
