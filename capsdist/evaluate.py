@@ -80,8 +80,9 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader, loss_fn, 
 def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test", overrides: list[str] = ()) -> dict:
     """Evaluate a run's checkpoint (`best`, `latest` or a path) on `split`; print and write JSON.
 
-    The model and data settings come from run_dir/config.yaml, with `overrides` ("a.b=c") applied. Returns the result dict (without
-    images) on every rank; rank 0 prints it and writes run_dir/eval-<checkpoint>-<split>.json.
+    The model and data settings come from run_dir/config.yaml, with `overrides` ("a.b=c") applied.
+    Returns the result dict (without images) on every rank; rank 0 prints it and writes
+    run_dir/eval-<checkpoint>-<split>.json.
     """
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"

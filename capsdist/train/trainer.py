@@ -2,7 +2,7 @@
 
 One `Trainer(cfg).fit()` call runs on every process. Per global step each rank takes its
 per_rank_batch = batch_size / world_size samples, and one all-reduce combines the ranks'
-loss, correct count, non-finite flag and stop request (SIGTERM/SIGINT), so all ranks skip,
+loss, correct count, non-finite flag, skipped corrupt samples and stop request (SIGTERM/SIGINT), so all ranks skip,
 stop and log the same way. The data position (epoch, batches consumed) lives in `TrainState`;
 a resumed run recreates that epoch's loader and skips the consumed batches, which continues
 exactly on the same world size and at the same global sample count on another.
@@ -228,8 +228,8 @@ class Trainer:
         state.samples_seen += batch_size
         self._stop = bool(stop)
         mean_loss = None if nonfinite else loss_sum / batch_size
-        values = {"train/loss": mean_loss, "train/accuracy": correct / batch_size, "lr": lr,
-                  "epoch": state.epoch, "train/nonfinite_total": state.nonfinite_total, **self._count_skipped(int(skipped))}
+        values = {"train/loss": mean_loss, "train/accuracy": correct / batch_size, "lr": lr, "epoch": state.epoch,
+                  "train/nonfinite_total": state.nonfinite_total, **self._count_skipped(int(skipped))}
         if not math.isnan(margin):
             values["margin"] = margin
         self.tracker.log(values, state.step)
@@ -244,7 +244,8 @@ class Trainer:
         state, limit = self.state, self.cfg.data.max_skipped_fraction
         if skipped and not state.skipped_total:
             log.warning("step %d: %d corrupt training samples skipped (data.skip_corrupt); their slots repeat good "
-                        "samples; prepare the dataset again: %s", state.step, skipped, self.manifest.prepare_command())
+                        "samples; prepare the dataset again: %s", state.step, skipped,
+                        self.manifest.prepare_command())
         state.skipped_total += skipped
         state.epoch_skipped += skipped
         epoch_samples = self.steps_per_epoch * self.cfg.train.batch_size
@@ -294,7 +295,8 @@ class Trainer:
         if self._saved_step == self.state.step:
             return path
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
-        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.scheduler, self.cfg.checkpoint.keep_last)
+        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.scheduler,
+                               self.cfg.checkpoint.keep_last)
         self._saved_step = self.state.step
         return path
 
@@ -332,7 +334,7 @@ def _peak_memory_mb(accelerator: Accelerator) -> float:
 
 
 def _peer_lost(err: RuntimeError) -> bool:
-    """Whether a collective failed because another rank timed out or died (gloo raises RuntimeError, NCCL DistError)."""
+    """Whether a collective failed because another rank timed out or died (gloo: RuntimeError, NCCL: DistError)."""
     return isinstance(err, torch.distributed.DistError) or "gloo" in str(err)
 
 
