@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -21,6 +22,13 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def copy_durable(source: str | Path, target: str | Path) -> None:
+    """Copy a file (data and metadata) and fsync the copy; a `copy_function` for shutil.copytree."""
+    shutil.copy2(source, target)
+    with open(target, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -42,7 +42,7 @@ from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as safe_load
 
 from capsdist.errors import CheckpointError, TrainingError
-from capsdist.files import fsync_dir, sha256_file, write_atomic
+from capsdist.files import copy_durable, fsync_dir, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +217,7 @@ def copy_to_best(accelerator: Accelerator, source: Path) -> None:
     if accelerator.is_main_process:
         tmp = source.parent / ".tmp-best"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(source, tmp)
+        shutil.copytree(source, tmp, copy_function=copy_durable)
         fsync_dir(tmp)
         _replace(tmp, source.parent / "best")
     accelerator.wait_for_everyone()
