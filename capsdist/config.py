@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from capsdist.errors import ConfigError
+from capsdist.files import write_atomic
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
@@ -57,6 +58,7 @@ class DataConfig:
     num_workers: int = _num(2, 0)  # data loader workers per process
     shuffle_buffer: int = _num(1000, 1)  # WebDataset shuffle buffer (samples)
     skip_corrupt: bool = False  # skip corrupt samples instead of failing
+    max_skipped_fraction: float = _num(0.01, 0.0, 1.0)  # skip_corrupt: stop when an epoch loses more than this
     prepare: Literal["auto", "never"] = "auto"  # auto: rank 0 prepares missing shards
 
 
@@ -84,10 +86,11 @@ class TrainConfig:
     batch_size: int = _num(64, 1)  # global batch; divided evenly over processes
     epochs: int = _num(100, 1)  # passes over the training split
     max_steps: int = _num(0, 0)  # stop after this many global steps; 0 = run all epochs
-    seed: int = 0  # model init and data order
+    seed: int = _num(0, 0, 2**32 - 1)  # model init and data order (numpy seeds are 32-bit)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # via Accelerate; routing stays float32
     compile: bool = False  # torch.compile the model
     max_nonfinite: int = _num(5, 1)  # consecutive non-finite losses that stop the run
+    collective_timeout_s: int = _num(600, 1)  # a rank waiting longer than this for the others stops the run
 
 
 @dataclass
@@ -271,10 +274,7 @@ def config_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML to `path` (in the run directory), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())
 
 
 def config_from_dict(values: dict, source: str, overrides: list[str] = ()) -> Config:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from capsdist.config import config_from_dict
 from capsdist.data.pipeline import eval_loader
 from capsdist.errors import CheckpointError
+from capsdist.files import write_atomic
 from capsdist.loss import make_loss
 from capsdist.train import checkpoint
 from capsdist.train.setup import build_model, data_options, load_data, make_accelerator
@@ -76,36 +77,37 @@ def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader, loss_fn, 
     }
 
 
-def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test") -> dict:
+def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test", overrides: list[str] = ()) -> dict:
     """Evaluate a run's checkpoint (`best`, `latest` or a path) on `split`; print and write JSON.
 
-    The model and data settings come from run_dir/config.yaml. Returns the result dict (without
-    images) on every rank; rank 0 prints it and writes run_dir/eval-<checkpoint>-<split>.json.
+    The model and data settings come from run_dir/config.yaml, with `overrides` ("a.b=c") applied.
+    Returns the result dict (without images) on every rank; rank 0 prints it and writes
+    run_dir/eval-<checkpoint>-<split>.json.
     """
     run_dir = Path(run_dir)
     config_file = run_dir / "config.yaml"
     if not config_file.is_file():
         raise CheckpointError(f"{config_file}: missing; is {run_dir} a capsdist run directory?")
-    cfg = config_from_dict(yaml.safe_load(config_file.read_text()), str(config_file))
+    cfg = config_from_dict(yaml.safe_load(config_file.read_text()), str(config_file), overrides)
     path = checkpoint.resolve(run_dir, which)
     accelerator = make_accelerator(cfg)
     opts = data_options(cfg)
     manifest = load_data(cfg, accelerator, opts)
     model = build_model(cfg, manifest, opts).to(accelerator.device)
     model.load_state_dict(load_file(path / "model.safetensors"))
-    state = torch.load(path / "custom_checkpoint_0.pkl", weights_only=False)
+    step = checkpoint.read_state(path)["train"]["step"]
     loss_fn = make_loss(cfg.loss.name, margin_schedule=cfg.loss.margin_schedule,
                         max_margin_steps=cfg.loss.max_margin_steps)
     batch = cfg.eval.batch_size or cfg.train.batch_size
     loader = eval_loader(manifest, opts, split, rank=accelerator.process_index,
                          world_size=accelerator.num_processes,
                          per_rank_batch=max(batch // accelerator.num_processes, 1))
-    result = evaluate(accelerator, model, loader, loss_fn, state["step"], len(manifest.classes))
+    result = evaluate(accelerator, model, loader, loss_fn, step, len(manifest.classes))
     result.pop("misclassified")
-    result.update(split=split, checkpoint=str(path), step=state["step"], classes=list(manifest.classes))
+    result.update(split=split, checkpoint=str(path), step=step, classes=list(manifest.classes))
     if accelerator.is_main_process:
         out = run_dir / f"eval-{path.name}-{split}.json"
-        out.write_text(json.dumps(result, indent=1))
+        write_atomic(out, json.dumps(result, indent=1).encode())
         print(format_result(result))
         print(f"written: {out}")
     accelerator.end_training()  # tear down the process group before exit (gloo/NCCL threads can abort it)

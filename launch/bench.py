@@ -13,6 +13,7 @@ import json
 import sys
 
 from capsdist.bench import BenchSettings, run_benchmark
+from capsdist.cli import add_set_option
 from capsdist.config import load_config
 from capsdist.errors import run_cli
 
@@ -20,8 +21,7 @@ from capsdist.errors import run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config (YAML); its model and data shape are used")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable (e.g. model.routing_checkpoint=true)")
+    add_set_option(parser)
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the config's)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (compilation happens here)")

@@ -1,7 +1,7 @@
 """Throughput of the data pipeline alone (read, decode, transform, batch): prints one JSON line.
 
     python launch/bench_data.py --shards shards/fashion-mnist-mini --batch-size 64 --workers 2 --steps 50
-    python launch/bench_data.py --config configs/small.yaml [data.num_workers=4 ...] [--steps 100]
+    python launch/bench_data.py --config configs/small.yaml [--set data.num_workers=4 ...] [--steps 100]
 
 One process plays rank 0 of a world of 1 (the per-rank cost is the same at any world size).
 samples_per_s counts from the first batch on (worker start-up excluded); total_s includes it.
@@ -13,6 +13,7 @@ import json
 import sys
 import time
 
+from capsdist.cli import add_set_option
 from capsdist.data.pipeline import DataOptions, eval_loader, load_manifest, train_loader
 from capsdist.errors import run_cli
 
@@ -39,7 +40,7 @@ def options(args) -> tuple[DataOptions, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="run config (YAML); its data section and train.batch_size are used")
-    parser.add_argument("overrides", nargs="*", help="config overrides a.b=c (with --config)")
+    add_set_option(parser)
     parser.add_argument("--shards", help="dataset directory or URL (without --config)")
     parser.add_argument("--batch-size", type=int, help="batch size (default: the config's, or 64)")
     parser.add_argument("--workers", type=int, help="loader workers (default: the config's, or 2)")

@@ -1,7 +1,7 @@
 """Train a capsule network: `accelerate launch launch/train.py --config configs/full.yaml` (or plain python).
 
     --config CONFIG            YAML run config (configs/README.md documents every key)
-    --set key.sub=value ...    override config keys, for example --set optim.lr=1e-3 train.batch_size=128
+    --set key.sub=value ...    override config keys, for example --set optim.lr=1e-3 train.batch_size=128 (repeatable)
     --resume auto|none|PATH    auto (default): continue from the newest complete checkpoint in the run dir
     --run-dir DIR              where checkpoints, metrics.jsonl, config.yaml and W&B files go
     --max-steps N              stop after N global steps (train.max_steps)
@@ -13,6 +13,7 @@ A capsdist error (bad config, missing data, unusable checkpoint) prints its mess
 import argparse
 import sys
 
+from capsdist.cli import add_set_option
 from capsdist.config import load_config
 from capsdist.errors import run_cli
 
@@ -20,7 +21,7 @@ from capsdist.errors import run_cli
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
-    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides")
+    add_set_option(parser)
     parser.add_argument("--resume", default="auto", metavar="auto|none|PATH")
     parser.add_argument("--run-dir")
     parser.add_argument("--max-steps", type=int)

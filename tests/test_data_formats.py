@@ -84,6 +84,17 @@ def trust(monkeypatch, name: str, folder: Path) -> None:
     monkeypatch.setitem(sources.DATASETS, name, dataclasses.replace(spec, files=files))
 
 
+def prepare_idx_shards(root: Path, n_train: int, n_test: int, shard_size: int) -> Path:
+    """Fashion-MNIST-format shards of n_train + n_test random images (IDX files written under root/idx); root/shards."""
+    from capsdist.data.shards import prepare
+
+    make_idx_source(root / "idx", n_train, n_test, gz=False)
+    with pytest.MonkeyPatch.context() as mp:
+        trust(mp, "fashion-mnist", root / "idx")
+        prepare("fashion-mnist", root / "shards", source=root / "idx", shard_size=shard_size, log=lambda _: None)
+    return root / "shards"
+
+
 @pytest.mark.parametrize("gz", [False, True])
 @pytest.mark.parametrize("dtype", ["u1", "<i4", "<f4", "<f8", "<i2"])
 @pytest.mark.parametrize("shape", [(7,), (5, 4), (3, 2, 4, 5)])

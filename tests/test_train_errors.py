@@ -1,14 +1,22 @@
 """Errors stop the run before any work with a message naming key and file; non-finite losses are skipped."""
 
+import hashlib
+import json
 import math
+import shutil
+import tarfile
 
 import pytest
 import torch
+import yaml
 
 from capsdist.config import load_config
+from capsdist.data.manifest import load_manifest
+from capsdist.data.plan import select
 from capsdist.errors import TrainingError
 from capsdist.train import checkpoint, trainer
-from train_helpers import losses, run, tiny_config, tiny_shards, train_command, train_state  # noqa: F401
+from train_helpers import (STEPS_PER_EPOCH, losses, metrics, run, tiny_config, tiny_shards,  # noqa: F401
+                           train_command, train_state)
 
 
 @pytest.mark.parametrize("override, words", [
@@ -79,3 +87,38 @@ def test_nan_weights_are_never_checkpointed():
         model.weight[0, 0] = math.nan
     with pytest.raises(TrainingError, match="weight is not finite"):
         checkpoint.assert_finite(model)
+
+
+@pytest.fixture
+def holey_config(tiny_config, tiny_shards, tmp_path) -> tuple:
+    """tiny_config on a copy of the tiny shards whose last training shard (20 of 320 samples) is an empty tar."""
+    holey = tmp_path / "holey"
+    shutil.copytree(tiny_shards, holey)
+    manifest = load_manifest(holey)
+    shard = manifest.splits["train"].shards[-1]
+    with tarfile.open(holey / shard.name, "w"):
+        pass
+    raw = json.loads((holey / "manifest.json").read_text())
+    raw["splits"]["train"]["shards"][-1]["sha256"] = hashlib.sha256((holey / shard.name).read_bytes()).hexdigest()
+    (holey / "manifest.json").write_text(json.dumps(raw))
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["data"].update(shards=str(holey), skip_corrupt=True)
+    tiny_config.write_text(yaml.safe_dump(cfg))
+    _, train = select(manifest, "train", val_strategy="random", val_fraction=0.1, viewpoint="none", seed=0)
+    lost = int(((train >= shard.first_index) & (train < shard.first_index + shard.num_samples)).sum())
+    return tiny_config, lost
+
+
+def test_skipped_samples_are_counted_warned_and_bounded(holey_config, tmp_path, caplog):
+    config, lost = holey_config
+    cfg = load_config(config, [f"train.max_steps={STEPS_PER_EPOCH}", "data.max_skipped_fraction=0.5"])
+    trainer.Trainer(cfg, source=str(config)).fit()
+    steps = [m for m in metrics(tmp_path / "run") if "train/loss" in m]
+    assert len(steps) == STEPS_PER_EPOCH and all("train/skipped" in m for m in steps)
+    assert sum(m["train/skipped"] for m in steps) == steps[-1]["train/skipped_total"] == lost > 0
+    assert "corrupt training samples skipped" in caplog.text
+    shutil.rmtree(tmp_path / "run")
+    cfg = load_config(config, [f"train.max_steps={STEPS_PER_EPOCH}", "data.max_skipped_fraction=0.01"])
+    with pytest.raises(TrainingError, match=r"epoch 0: \d+ corrupt training samples skipped, more than "
+                                            r"data.max_skipped_fraction 0.01 of its 288"):
+        trainer.Trainer(cfg, source=str(config)).fit()

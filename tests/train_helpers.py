@@ -1,8 +1,9 @@
 """Shared fixtures and helpers of the trainer tests: tiny shards, a tiny run config, launching runs.
 
 Import the fixtures into a test module with `from train_helpers import tiny_config  # noqa: F401`.
-The tiny model (A=8, B=C=D=4, one routing iteration) on 320 + 64 Fashion-MNIST images makes a
-training step take a few milliseconds, so the tests measure the trainer, not the network.
+The tiny model (A=8, B=C=D=4, one routing iteration) on 320 + 64 Fashion-MNIST-format images makes a
+training step take a few milliseconds, so the tests measure the trainer, not the network. The images are
+written by the tests themselves (IDX files, then shards), so nothing outside the repository is needed.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-IDX_DIR = Path("/usr/share/datasets/fashion-mnist")
-MINI = REPO / "shards" / "fashion-mnist-mini"
 TRAIN, TEST, BATCH = 320, 64, 16  # tiny split sizes; val = 10% of TRAIN; global batch
 STEPS_PER_EPOCH = (TRAIN - TRAIN // 10) // BATCH  # 18
 
@@ -39,17 +38,10 @@ TINY = {
 
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
-    """320 train / 64 test Fashion-MNIST samples as shards (from the IDX files, else the mini set)."""
-    if not IDX_DIR.is_dir():
-        if not (MINI / "manifest.json").is_file():
-            pytest.skip(f"neither {IDX_DIR} nor {MINI} is available")
-        return MINI
-    from capsdist.data.shards import prepare
+    """320 train / 64 test Fashion-MNIST-format samples as shards, prepared from IDX files the test writes."""
+    from test_data_formats import prepare_idx_shards
 
-    out = tmp_path_factory.mktemp("shards") / "fm-tiny"
-    prepare("fashion-mnist", out, source=IDX_DIR, subset={"train": TRAIN, "test": TEST}, shard_size=100,
-            log=lambda message: None)
-    return out
+    return prepare_idx_shards(tmp_path_factory.mktemp("fm-tiny"), TRAIN, TEST, shard_size=100)
 
 
 @pytest.fixture
@@ -70,27 +62,27 @@ def free_port() -> int:
 
 
 def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
-    """The command line of launch/train.py on 1 process (python) or `procs` CPU processes (accelerate)."""
+    """The command line of launch/train.py on 1 process (python) or `procs` CPU processes (capsdist.launch)."""
     script = [str(REPO / "launch" / "train.py"), "--config", str(config), *args]
     if procs == 1:
         return [sys.executable, *script]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    return [sys.executable, "-m", "capsdist.launch", "--config_file",
             str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "--num_processes", str(procs),
             "--main_process_port", str(free_port()), *script]
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     """Run to completion in the repository root, output captured as text."""
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env())
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start in the background (own process group), stdout and stderr to `log`."""
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=_env(),
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=run_env(),
                             start_new_session=True)
 
 
-def _env() -> dict:
+def run_env() -> dict:
     """The runs' environment: unbuffered, one thread per process, and no W&B credentials (hermetic)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     return {**env, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "NETRC": os.devnull}
@@ -134,6 +126,6 @@ def weights(checkpoint: Path) -> dict:
 
 
 def train_state(checkpoint: Path) -> dict:
-    import torch
+    from capsdist.train.checkpoint import read_state
 
-    return torch.load(Path(checkpoint) / "custom_checkpoint_0.pkl", weights_only=False)
+    return read_state(Path(checkpoint))["train"]

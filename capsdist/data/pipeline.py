@@ -11,14 +11,18 @@ keeps the planned sample indices, shuffles undecoded records in a buffer seeded 
 yields. Loaders must never go through `accelerator.prepare` (it would re-shard or broadcast
 them and lose data): every rank already gets its own, equally long, share.
 
-Corrupt data: by default a truncated shard, an unreadable member or a missing sample raises
-DataError naming the shard and member. With skip_corrupt, training fills the slot with another
-sample of the same batch and evaluation with a padding row; `Batch.skipped` counts them and the
-loader logs the epoch's total.
+Corrupt data: by default a truncated shard, an unreadable member (not a file, not an image of the
+manifest's shape, a decompression bomb), a label that disagrees with the manifest or a missing
+sample raises DataError naming the shard and member. With skip_corrupt, training fills the slot
+with another sample of the same batch and evaluation with a padding row; `Batch.skipped` counts
+them and the loader logs the epoch's total. Every shard is hashed as it streams (the whole file is
+read anyway) and checked against the manifest's sha256 when it ends: a mismatch raises DataError
+(a warning with skip_corrupt), so a changed shard stops the run within one shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import itertools
 import logging
@@ -226,6 +230,8 @@ class _Stream(IterableDataset):
             recent = self._fill(rows, recent)
             yield Batch(torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows]),
                         torch.tensor([r[2] for r in rows]), self._take_skipped())
+        for _ in records:  # finish the last shard: its checksum is checked at its end
+            pass
 
     def _take_skipped(self) -> int:
         n, self.skipped = self.skipped, 0
@@ -255,14 +261,12 @@ class _Stream(IterableDataset):
         views = self.manifest.views
         try:
             names = ["png"] if len(views) == 1 else [f"{v}.png" for v in views]
-            arrays = [np.asarray(Image.open(io.BytesIO(record.parts[n])).convert("L")) for n in names]
-            images = np.stack(arrays)
-            if images.shape != tuple(self.manifest.image_shape):
-                raise _Corrupt(f"image shape {images.shape}, expected {self.manifest.image_shape}")
+            images = np.stack([self._image(record.parts[n]) for n in names])
             label = int(record.parts["cls"])
-            if not 0 <= label < len(self.manifest.classes):
-                raise _Corrupt(f"label {label} out of range")
-        except (KeyError, ValueError, OSError, _Corrupt) as exc:
+            expected = int(self.manifest.splits[self.split].columns["label"][record.index])
+            if label != expected:
+                raise _Corrupt(f"label {label}, the manifest says {expected}")
+        except (KeyError, ValueError, OSError, Image.DecompressionBombError, _Corrupt) as exc:
             if not self.skip_corrupt:
                 raise DataError(f"corrupt sample {record.where}: {exc!r}; prepare the dataset again "
                                 f"({self.manifest.prepare_command()}) or set skip_corrupt") from None
@@ -270,13 +274,22 @@ class _Stream(IterableDataset):
             return None
         return self.transform(images, record.index), label, record.index
 
+    def _image(self, data: bytes) -> np.ndarray:
+        """uint8 (H, W) of one PNG member; _Corrupt unless it has the manifest's H and W (checked before decoding)."""
+        image = Image.open(io.BytesIO(data))
+        if image.size[::-1] != tuple(self.manifest.image_shape[1:]):
+            raise _Corrupt(f"image of {image.size[0]}x{image.size[1]} pixels, expected "
+                           f"{self.manifest.image_shape[2]}x{self.manifest.image_shape[1]}")
+        return np.asarray(image.convert("L"))
+
     def _records(self, plan: plans.WorkerPlan) -> Iterator[_Record]:
         """The planned records, shard by shard; missing ones raise or are counted as skipped."""
         info = self.manifest.splits[self.split]
         for shard_pos, wanted in plan.reads:
-            url = self.manifest.url(info.shards[shard_pos])
+            shard = info.shards[shard_pos]
+            url = self.manifest.url(shard)
             seen = set()
-            for record in self._read_shard(url, set(wanted.tolist())):
+            for record in self._read_shard(url, shard.sha256, set(wanted.tolist())):
                 seen.add(record.index)
                 yield record
             missing = len(wanted) - len(seen)
@@ -285,25 +298,32 @@ class _Stream(IterableDataset):
                                 f"again: {self.manifest.prepare_command()}")
             self.skipped += missing
 
-    def _read_shard(self, url: str, wanted: set[int]) -> Iterator[_Record]:
-        """Records of `wanted` indices in shard `url`, grouped from consecutive tar members of one key."""
+    def _read_shard(self, url: str, sha256: str, wanted: set[int]) -> Iterator[_Record]:
+        """Records of `wanted` indices in shard `url`, grouped from consecutive tar members of one key;
+        the whole shard is read and checked against `sha256` at the end."""
         member, current = None, None
         try:
             mode = "r|gz" if url.rstrip(" -").endswith(".gz") else "r|"  # "r|*" sniffing costs ~30% more
-            with gopen(url) as stream, tarfile.open(fileobj=stream, mode=mode) as tar:
+            with gopen(url) as raw, tarfile.open(fileobj=(stream := _Hashed(raw)), mode=mode) as tar:
                 for member_info in tar:
                     member = member_info.name
                     key, _, ext = member.partition(".")
-                    if not key.isdigit() or int(key) not in wanted:
-                        continue
+                    if not key.isdigit() or int(key) not in wanted or not member_info.isfile():
+                        continue  # a sample whose member is a directory or link lacks that member: corrupt
                     if current is not None and current.index != int(key):
                         yield current
                         current = None
                     if current is None:
                         current = _Record(int(key), {}, f"{key} of shard {url}")
                     current.parts[ext] = tar.extractfile(member_info).read()
-            if current is not None:
-                yield current
+                if current is not None:
+                    yield current
+                stream.drain()
+            if stream.hexdigest() != sha256:
+                if not self.skip_corrupt:
+                    raise DataError(f"shard {url} does not match its sha256 in the manifest (corrupt or changed); "
+                                    f"prepare the dataset again: {self.manifest.prepare_command()}")
+                log.warning("shard %s does not match its sha256 in the manifest (corrupt or changed)", url)
         except FileNotFoundError:
             raise DataError(f"shard {url} not found; prepare the dataset: {self.manifest.prepare_command()}") from None
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
@@ -311,6 +331,26 @@ class _Stream(IterableDataset):
                 raise DataError(f"shard {url} is corrupt or truncated at member {member}: {exc}; prepare the "
                                 f"dataset again: {self.manifest.prepare_command()}") from None
             log.warning("shard %s: corrupt or truncated at member %s (%s); skipping the rest", url, member, exc)
+
+
+class _Hashed:
+    """A read-only stream that hashes (sha256) what is read through it."""
+
+    def __init__(self, raw):
+        self.raw, self.digest = raw, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.digest.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read to the end (tarfile stops at the end-of-archive marker, before the padding)."""
+        while self.read(1 << 20):
+            pass
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
 
 
 def _shuffled(items: Iterator, size: int, rng: np.random.Generator) -> Iterator:

@@ -35,6 +35,7 @@ import capsdist
 from capsdist.data.manifest import FORMAT, MANIFEST, Manifest, load_manifest, manifest_json
 from capsdist.data.sources import RawSplit, fetch, load_split, locate, spec
 from capsdist.errors import DataError
+from capsdist.files import sha256_file, write_atomic
 
 SHUFFLE_SEED = 20180501  # fixed: the same raw files always give the same shards
 MARKER = ".prepare-incomplete"
@@ -55,6 +56,11 @@ def prepare(dataset: str, out: Path, *, source: Path | None = None, shard_size: 
     if subset and not set(subset) <= set(ds.files):
         raise DataError(f"--subset names unknown splits {sorted(set(subset) - set(ds.files))}; "
                         f"{dataset} has {sorted(ds.files)}")
+    for split, n in (subset or {}).items():
+        if n < 1:
+            raise DataError(f"--subset {split}={n}: sizes must be at least 1")
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file, not a directory; choose a directory for the shards")
     if (out / MANIFEST).exists():
         manifest = load_manifest(out)
         if manifest.dataset != dataset or manifest.subset != subset:
@@ -90,7 +96,7 @@ def prepare(dataset: str, out: Path, *, source: Path | None = None, shard_size: 
         "sources": sources,
         "capsdist_version": capsdist.__version__,
     }
-    _write_atomic(out / MANIFEST, manifest_json(raw_manifest).encode())
+    write_atomic(out / MANIFEST, manifest_json(raw_manifest).encode())
     (out / MARKER).unlink()
     log(f"{out}: wrote " + ", ".join(f"{k} {v['num_samples']} samples in {len(v['shards'])} shards"
                                     for k, v in splits.items()))
@@ -172,17 +178,9 @@ def verify(manifest: Manifest) -> None:
             if not path.is_file():
                 raise DataError(f"shard {path} is missing; delete {manifest.location} and run: "
                                 f"{manifest.prepare_command()}")
-            if _sha256(path) != shard.sha256:
+            if sha256_file(path) != shard.sha256:
                 raise DataError(f"shard {path} does not match its sha256 in the manifest (corrupt or "
                                 f"changed); delete {manifest.location} and run: {manifest.prepare_command()}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _clear_leftovers(out: Path) -> None:
@@ -195,13 +193,3 @@ def _clear_leftovers(out: Path) -> None:
         return
     for path in ours:
         path.unlink()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file, fsync and rename."""
-    tmp = path.with_name(".tmp-" + path.name)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -129,7 +129,35 @@ def locate(name: str, source: Path) -> dict[str, Path]:
 
 
 def fetch(name: str, cache: Path) -> dict[str, Path]:
-    """Download the raw files of `name` into `cache` (resuming partial downloads); paths by file name."""
+    """Download the raw files of `name` into `cache` (resuming partial downloads); paths by file name.
+
+    Files already in the cache are checked against the official checksums first: a corrupt one is
+    deleted and downloaded again (once; still corrupt is a DataError)."""
+    md5 = {fname: digest for roles in spec(name).files.values() for fname, digest in roles.values()}
+    for _ in range(2):
+        files = _download(name, cache)
+        corrupt = [path for fname, path in files.items() if not _matches(path, md5[fname])]
+        if not corrupt:
+            return files
+        for path in corrupt:
+            print(f"capsdist: {path} in the download cache is corrupt; downloading it again")
+            for twin in {path, path.with_name(path.name.removesuffix(".gz")), path.with_name(path.name + ".gz")}:
+                twin.unlink(missing_ok=True)
+    raise DataError(f"{corrupt[0]}: still corrupt after downloading it again; check the network or mirror, "
+                    "or fetch the files yourself and pass their folder as --source")
+
+
+def _matches(path: Path, md5: str) -> bool:
+    """True when the content of `path` (gunzipped) has the official md5."""
+    try:
+        _read_verified(path, md5)
+    except DataError:
+        return False
+    return True
+
+
+def _download(name: str, cache: Path) -> dict[str, Path]:
+    """Download what is missing from `cache`: the NORB files directly, the others through torchvision."""
     ds = spec(name)
     cache.mkdir(parents=True, exist_ok=True)
     if ds.download == "norb":

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 
 from capsdist.config import Config
 from capsdist.data.pipeline import DataOptions, input_shape, load_manifest
-from capsdist.data.manifest import prepare_command
+from capsdist.data.manifest import is_remote, prepare_command
 from capsdist.data.shards import prepare
-from capsdist.errors import DataError
+from capsdist.data.sources import DATASETS
+from capsdist.errors import ConfigError, DataError
 from capsdist.model import build_model as model_from_config
 
 
 def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     """The run's Accelerator. Without CUDA it is created with cpu=True: a multi-process launch on CPU
-    (accelerate launch --multi_gpu / use_cpu config, torchrun) otherwise gives N separate 1-process runs."""
+    (accelerate launch --multi_gpu / use_cpu config, torchrun) otherwise gives N separate 1-process runs.
+    Every collective (all-reduce, barrier, gather) gives up after train.collective_timeout_s."""
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-                       log_with=log_with, dynamo_backend="inductor" if cfg.train.compile else "no")
+                       log_with=log_with, dynamo_backend="inductor" if cfg.train.compile else "no",
+                       kwargs_handlers=[timeout])
 
 
 def data_options(cfg: Config) -> DataOptions:
@@ -39,8 +45,11 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
     when it fails (offline), the DataError gives the exact prepare command to run by hand.
     The other ranks wait at a barrier and then read the same manifest.
     """
-    if "://" in cfg.shards or (Path(cfg.shards) / "manifest.json").is_file():
+    if is_remote(cfg.shards) or (Path(cfg.shards) / "manifest.json").is_file():  # a URL or pipe: is never prepared
         return load_manifest(opts.shards)
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"data.dataset: unknown dataset {cfg.data.dataset!r}; known: {', '.join(DATASETS)} "
+                          f"(or point data.shards at prepared shards; {cfg.shards} holds no manifest.json)")
     command = prepare_command(cfg.data.dataset, cfg.shards)
     if cfg.data.prepare == "never":
         raise DataError(f"{cfg.shards}: no prepared {cfg.data.dataset} shards (no manifest.json); run `{command}` "

@@ -2,7 +2,7 @@
 
 One `Trainer(cfg).fit()` call runs on every process. Per global step each rank takes its
 per_rank_batch = batch_size / world_size samples, and one all-reduce combines the ranks'
-loss, correct count, non-finite flag and stop request (SIGTERM/SIGINT), so all ranks skip,
+loss, correct count, non-finite flag, skipped corrupt samples and stop request (SIGTERM/SIGINT), so all ranks skip,
 stop and log the same way. The data position (epoch, batches consumed) lives in `TrainState`;
 a resumed run recreates that epoch's loader and skips the consumed batches, which continues
 exactly on the same world size and at the same global sample count on another.
@@ -76,11 +76,11 @@ class Trainer:
         # The scheduler is not prepared: Accelerate would step it once per process per step.
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
-        acc.register_for_checkpointing(self.state, self.scheduler)  # custom_checkpoint_0 is the state
         self.loss_fn = make_loss(cfg.loss.name, margin_schedule=cfg.loss.margin_schedule,
                                  max_margin_steps=cfg.loss.max_margin_steps)
         if self.resume_from is not None:
             self._restore()
+        checkpoint.abandon_newer(acc, self.run_dir, self.state)  # whatever is newer than where this run starts
         if acc.is_main_process:
             self._save_config()
         if wandb_kwargs:
@@ -95,17 +95,16 @@ class Trainer:
 
     def _resume_path(self, resume: str) -> Path | None:
         if resume == "none":
-            if checkpoint.step_checkpoints(self.run_dir):
+            if checkpoint.step_dirs(self.run_dir):
                 raise ConfigError(f"{self.run_dir}: already holds checkpoints; continue it with --resume auto "
                                   "or start elsewhere with --run-dir")
             return None
         if resume == "auto":
-            found = checkpoint.step_checkpoints(self.run_dir)
-            return found[-1] if found else None
+            return checkpoint.latest(self.run_dir)
         return checkpoint.resolve(self.run_dir, resume)
 
     def _restore(self) -> None:
-        checkpoint.load(self.accelerator, self.resume_from, self.state)
+        checkpoint.load(self.accelerator, self.resume_from, self.state, self.scheduler)
         if self.state.batch_size != self.cfg.train.batch_size:
             raise CheckpointError(f"{self.resume_from}: written with train.batch_size {self.state.batch_size}, "
                                   f"the config says {self.cfg.train.batch_size}; global batch must not change on resume")
@@ -141,6 +140,13 @@ class Trainer:
             if not self._stop and last_eval.get("step") != state.step:
                 last_eval = self._evaluate_and_save()
             self._save()
+        except RuntimeError as err:
+            if not _peer_lost(err):
+                raise
+            raise TrainingError(f"no answer from another process within train.collective_timeout_s="
+                                f"{self.cfg.train.collective_timeout_s} s, or it died ({str(err).splitlines()[0]}); "
+                                f"the checkpoints are kept: once every process is healthy, resume with --resume auto "
+                                f"--run-dir {self.run_dir}") from None
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -190,7 +196,7 @@ class Trainer:
             if state.step >= self.total_steps:
                 return last_eval
             tick = time.perf_counter()
-        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        state.epoch, state.batch_in_epoch, state.epoch_skipped = state.epoch + 1, 0, 0
         return self._evaluate_and_save()
 
     def _train_step(self, batch) -> float | None:
@@ -202,9 +208,9 @@ class Trainer:
         loss, margin = self.loss_fn(acts, labels, state.step)
         finite = bool(torch.isfinite(loss))
         local = torch.tensor([0.0 if finite else 1.0, 1.0 if self._signal else 0.0,
-                              float((acts.argmax(1) == labels).sum()), loss.item() * len(labels) if finite else 0.0],
-                             dtype=torch.float64, device=acc.device)
-        nonfinite, stop, correct, loss_sum = acc.reduce(local, "sum").tolist()  # the step's one collective
+                              float((acts.argmax(1) == labels).sum()), loss.item() * len(labels) if finite else 0.0,
+                              float(batch.skipped)], dtype=torch.float64, device=acc.device)
+        nonfinite, stop, correct, loss_sum, skipped = acc.reduce(local, "sum").tolist()  # the step's one collective
         lr = self.scheduler.get_last_lr()[0]
         if nonfinite:  # every rank skips backward and update together
             self.optimizer.zero_grad(set_to_none=True)
@@ -227,8 +233,8 @@ class Trainer:
         state.samples_seen += batch_size
         self._stop = bool(stop)
         mean_loss = None if nonfinite else loss_sum / batch_size
-        values = {"train/loss": mean_loss, "train/accuracy": correct / batch_size, "lr": lr,
-                  "epoch": state.epoch, "train/nonfinite_total": state.nonfinite_total}
+        values = {"train/loss": mean_loss, "train/accuracy": correct / batch_size, "lr": lr, "epoch": state.epoch,
+                  "train/nonfinite_total": state.nonfinite_total, **self._count_skipped(int(skipped))}
         if not math.isnan(margin):
             values["margin"] = margin
         self.tracker.log(values, state.step)
@@ -236,6 +242,23 @@ class Trainer:
             raise TrainingError(f"{self._nonfinite_run} non-finite losses in a row at step {state.step}; lower "
                                 f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto")
         return mean_loss
+
+    def _count_skipped(self, skipped: int) -> dict:
+        """Count corrupt samples skipped this step (all ranks); warn on the first; TrainingError when the epoch
+        has lost more than data.max_skipped_fraction of its samples. Returns the values to log."""
+        state, limit = self.state, self.cfg.data.max_skipped_fraction
+        if skipped and not state.skipped_total:
+            log.warning("step %d: %d corrupt training samples skipped (data.skip_corrupt); their slots repeat good "
+                        "samples; prepare the dataset again: %s", state.step, skipped,
+                        self.manifest.prepare_command())
+        state.skipped_total += skipped
+        state.epoch_skipped += skipped
+        epoch_samples = self.steps_per_epoch * self.cfg.train.batch_size
+        if state.epoch_skipped > limit * epoch_samples:
+            raise TrainingError(f"epoch {state.epoch}: {state.epoch_skipped} corrupt training samples skipped, more "
+                                f"than data.max_skipped_fraction {limit} of its {epoch_samples}; prepare the dataset "
+                                f"again ({self.manifest.prepare_command()}) or raise data.max_skipped_fraction")
+        return {"train/skipped": skipped, "train/skipped_total": state.skipped_total}
 
     def _throughput(self, window: "_Window") -> dict:
         values = {"perf/images_per_s": window.images_per_s, "perf/images_per_s_per_process": window.images_per_s / self.world,
@@ -281,7 +304,8 @@ class Trainer:
         if self._saved_step == self.state.step:
             return path
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
-        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
+        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.scheduler,
+                               self.cfg.checkpoint.keep_last)
         self._saved_step = self.state.step
         return path
 
@@ -316,6 +340,11 @@ def _peak_memory_mb(accelerator: Accelerator) -> float:
     if accelerator.device.type == "cuda":
         return torch.cuda.max_memory_allocated(accelerator.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _peer_lost(err: RuntimeError) -> bool:
+    """Whether a collective failed because another rank timed out or died (gloo: RuntimeError, NCCL: DistError)."""
+    return isinstance(err, torch.distributed.DistError) or "gloo" in str(err)
 
 
 def _is_main_env() -> bool:

@@ -1,0 +1,209 @@
+"""Checkpoints are data: crafted pickles are refused, damage is detected and survived, rollbacks keep the new
+branch, and a kill while deleting or replacing a checkpoint leaves every `step-*` and `best` usable."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from capsdist.errors import CheckpointError
+from capsdist.train import checkpoint, trainer
+from capsdist.config import load_config
+from train_helpers import REPO, metrics, run, tiny_config, tiny_shards, train_command, train_state  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_shards, tmp_path_factory) -> Path:
+    """A tiny run of 6 steps with checkpoints step-3, step-6 and best (do not modify: copy it)."""
+    from train_helpers import TINY
+    import yaml
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["shards"], cfg["run_dir"] = str(tiny_shards), str(root / "run")
+    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    done = run(train_command(root / "tiny.yaml", "--max-steps", "6", "--checkpoint-every", "3"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "run"
+
+
+@pytest.fixture
+def run_dir(trained, tmp_path) -> Path:
+    """A copy of the trained run, with the config's run_dir pointing at it."""
+    copy = tmp_path / "run"
+    shutil.copytree(trained, copy)
+    config = (copy / "config.yaml")
+    config.write_text(config.read_text().replace(str(trained), str(copy)))
+    return copy
+
+
+def _rehash(ckpt: Path) -> None:
+    """Make checkpoint.json agree with the files as they are now (what an attacker would do)."""
+    meta_file = ckpt / checkpoint.META
+    meta = json.loads(meta_file.read_text())
+    for name in meta["files"]:
+        data = (ckpt / name).read_bytes()
+        meta["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    meta_file.write_text(json.dumps(meta))
+
+
+class _Plant:
+    """A pickle whose loading creates `marker` (stands for any shell command)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _evaluate(run_dir: Path, which: str):
+    return run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--run-dir", str(run_dir), "--checkpoint", which])
+
+
+def test_a_checkpoint_never_runs_code(run_dir, tmp_path):
+    marker = tmp_path / "pwned"
+    bad = pickle.dumps(_Plant(marker))
+    step6 = run_dir / "checkpoints" / "step-0000006"
+    # today's format, every pickle-format file replaced and the checksums made to agree
+    for name in ("optimizer.bin", "random_states_0.pkl"):
+        (step6 / name).write_bytes(bad)
+    _rehash(step6)
+    resumed = run(train_command(run_dir / "config.yaml", "--resume", str(step6), "--max-steps", "8"))
+    assert resumed.returncode == 2 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert "refused to load" in resumed.stderr and "pickled objects" in resumed.stderr
+    # the older, pickled layout (custom_checkpoint_0.pkl: TrainState) is never unpickled
+    step3 = run_dir / "checkpoints" / "step-0000003"
+    (step3 / checkpoint.META).unlink()
+    (step3 / "custom_checkpoint_0.pkl").write_bytes(bad)
+    for result in (run(train_command(run_dir / "config.yaml", "--resume", str(step3), "--max-steps", "8")),
+                   _evaluate(run_dir, str(step3))):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert "not a usable checkpoint" in result.stderr and "never loaded" in result.stderr
+    assert not marker.exists()
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors has 0 bytes"),
+    (lambda c: (c / "optimizer.bin").write_bytes((c / "optimizer.bin").read_bytes()[:100]), "optimizer.bin has 100"),
+    (lambda c: _flip(c / "model.safetensors", 3), "model.safetensors does not match"),  # the header's length
+    (lambda c: _flip(c / "random_states_0.pkl", 200), "random_states_0.pkl does not match"),
+    (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
+    (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+    (lambda c: (c / checkpoint.META).write_text("{"), "checkpoint.json is unreadable"),
+])
+def test_a_damaged_checkpoint_is_named_and_skipped(run_dir, damage, words, caplog):
+    newest = run_dir / "checkpoints" / "step-0000006"
+    damage(newest)
+    with pytest.raises(CheckpointError, match=re.escape(words)):
+        checkpoint.resolve(run_dir, str(newest))
+    assert checkpoint.resolve(run_dir, "latest") == run_dir / "checkpoints" / "step-0000003"
+    assert words in caplog.text and "step-0000006 is unusable" in caplog.text
+
+
+def test_flipped_weights_are_detected(run_dir):
+    """A byte flipped inside the weights (not the header) loads fine as safetensors: only the checksum sees it."""
+    newest = run_dir / "checkpoints" / "step-0000006"
+    _flip(newest / "model.safetensors", (newest / "model.safetensors").stat().st_size - 10)
+    with pytest.raises(CheckpointError, match="model.safetensors does not match its sha256"):
+        checkpoint.resolve(run_dir, str(newest))
+
+
+def test_resume_auto_falls_back_and_an_explicit_bad_path_fails(run_dir):
+    newest = run_dir / "checkpoints" / "step-0000006"
+    (newest / "optimizer.bin").write_bytes(b"")
+    explicit = run(train_command(run_dir / "config.yaml", "--resume", str(newest), "--max-steps", "8"))
+    assert explicit.returncode == 2 and "Traceback" not in explicit.stderr
+    assert f"{newest}: not a usable checkpoint: optimizer.bin has 0 bytes" in explicit.stderr
+    auto = run(train_command(run_dir / "config.yaml", "--resume", "auto", "--max-steps", "8"))
+    assert auto.returncode == 0, auto.stderr[-3000:]
+    assert "step-0000006 is unusable (optimizer.bin has 0 bytes, " in auto.stderr
+    assert [m["step"] for m in metrics(run_dir) if "event/start" in m][-1] == 3
+    assert train_state(run_dir / "checkpoints" / "step-0000008")["step"] == 8
+    assert [p.name for p in checkpoint.step_checkpoints(run_dir)] == ["step-0000006", "step-0000008"]  # a new 6
+    (abandoned,) = (run_dir / "checkpoints").glob("abandoned-*")
+    assert checkpoint.verify(abandoned / "step-0000006") is not None  # the damaged one, kept for a post-mortem
+
+
+def test_rollback_moves_the_newer_checkpoints_aside(tiny_config, tmp_path):
+    run_dir = tmp_path / "run"
+    first = run(train_command(tiny_config, "--max-steps", "9", "--checkpoint-every", "3"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert train_state(run_dir / "checkpoints" / "best")["step"] == 9  # the final evaluation
+    older = run_dir / "checkpoints" / "step-0000006"
+    back = run(train_command(tiny_config, "--resume", str(older), "--max-steps", "8", "--checkpoint-every", "1"))
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "moved the newer checkpoints step-0000009, best to" in back.stderr
+    (abandoned,) = (run_dir / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in abandoned.iterdir()) == ["best", "step-0000009"]
+    assert [p.name for p in checkpoint.step_checkpoints(run_dir)] == ["step-0000007", "step-0000008"]
+    assert train_state(run_dir / "checkpoints" / "best")["step"] == 8  # chosen again on this branch
+    again = run(train_command(tiny_config, "--resume", "auto", "--max-steps", "10"))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [m["step"] for m in metrics(run_dir) if "event/start" in m] == [0, 6, 8]
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL in the middle of a deletion."""
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(tiny_config, tmp_path, monkeypatch, caplog):
+    real = shutil.rmtree
+
+    def dying_rmtree(path, *args, **kwargs):
+        path = Path(path)
+        if path.is_dir() and re.match(r"^(\.trash-)?step-", path.name):
+            next(path.iterdir()).unlink()  # part of the directory is gone ...
+            raise _Killed()  # ... when the process dies
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", dying_rmtree)
+    cfg = load_config(tiny_config, ["train.max_steps=12", "checkpoint.every_steps=3"])
+    with pytest.raises(_Killed):
+        trainer.Trainer(cfg, source=str(tiny_config)).fit()  # keep_last 2: the third save prunes step-3
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real)
+    run_dir = tmp_path / "run"
+    for step_dir in (run_dir / "checkpoints").glob("step-*"):
+        assert checkpoint.verify(step_dir) is None, step_dir
+    caplog.clear()
+    cfg = load_config(tiny_config, ["train.max_steps=12", "checkpoint.every_steps=3"])
+    trainer.Trainer(cfg, source=str(tiny_config)).fit()
+    assert "unusable" not in caplog.text
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best", "step-0000009", "step-0000012"]
+
+
+def test_a_kill_while_replacing_best_keeps_a_best(run_dir):
+    """_replace renames best to .old-best, then .tmp-best to best: a kill between the two renames."""
+    root = run_dir / "checkpoints"
+    shutil.copytree(root / "step-0000003", root / ".old-best")
+    (root / "best").rename(root / ".tmp-best")
+    assert checkpoint.resolve(run_dir, "best") == root / "best"
+    assert train_state(root / "best")["step"] == 6  # the new best, complete before the kill
+    assert not (root / ".tmp-best").exists()
+
+
+def test_unusable_checkpoints_are_moved_aside_never_deleted(run_dir):
+    """Only unusable checkpoints (here: the older, pickled format): --resume none refuses, --resume auto starts
+    afresh and keeps them in abandoned-<time>/ instead of letting retention delete them."""
+    for path in (run_dir / "checkpoints").iterdir():
+        (path / checkpoint.META).unlink()
+    refused = run(train_command(run_dir / "config.yaml", "--resume", "none", "--max-steps", "2"))
+    assert refused.returncode == 2 and "already holds checkpoints" in refused.stderr
+    fresh = run(train_command(run_dir / "config.yaml", "--resume", "auto", "--max-steps", "4"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert [m["step"] for m in metrics(run_dir) if "event/start" in m][-1] == 0
+    (abandoned,) = (run_dir / "checkpoints").glob("abandoned-*")
+    assert sorted(p.name for p in abandoned.iterdir()) == ["best", "step-0000003", "step-0000006"]
