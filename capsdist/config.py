@@ -70,7 +70,7 @@ class OptimConfig:
     schedule: Literal["exponential", "cosine"] = "cosine"  # lr schedule over global steps (paper: exponential)
     lr_decay_rate: float = 0.96  # exponential: decay factor per lr_decay_steps; <= 0 disables decay
     lr_decay_steps: int = _num(20000, 1)  # exponential: global steps per decay factor
-    final_lr_ratio: float = _num(0.01, 0.0, 1.0)  # cosine: lr at the last step of the run, as a fraction of lr
+    final_lr_ratio: float = _num(0.01, 0.0, 1.0)  # cosine: lr at the last step of train.epochs, as a fraction of lr
     grad_clip: float = _num(0.0, 0.0)  # max global gradient norm; 0 disables
 
 

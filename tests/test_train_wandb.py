@@ -38,7 +38,7 @@ def test_offline_run_files_and_resume(tiny_config, tmp_path):
     keys = set().union(*rows)
     expected = {"train/loss", "train/accuracy", "lr", "margin", "perf/images_per_s", "perf/images_per_s_per_process",
                 "perf/step_time_s", "perf/peak_memory_mb", "val/accuracy", "val/loss", "test/accuracy", "test/loss",
-                "routing/convcaps1/mean_activation", "routing/classcaps/assignment_entropy"}
+                "health/convcaps1/mean_activation", "health/classcaps/assignment_entropy", "grad_norm/total"}
     assert expected <= keys
     assert any(k.startswith("val/confusion_matrix") for k in keys)
     assert any(k.startswith("val/misclassified") for k in keys)

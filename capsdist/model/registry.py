@@ -14,11 +14,6 @@ from capsdist.model.cnn import CNN_PRESETS, BaselineCNN
 MODEL_SIZES: tuple[str, ...] = (*PRESETS, *CNN_PRESETS)
 
 
-def is_capsule_model(size: str) -> bool:
-    """True for the capsule presets, False for the CNN baselines."""
-    return size in PRESETS
-
-
 def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: int) -> nn.Module:
     """The model named by a `capsdist.config.ModelConfig`.
 

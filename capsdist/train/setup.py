@@ -93,7 +93,7 @@ def lr_factor(step: int, optim_cfg, total_steps: int) -> float:
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
     """Adam or AdamW at optim.lr, and a LambdaLR whose step count is the global step (`lr_factor`);
-    total_steps is the run's last global step (the cosine schedule ends there)."""
+    total_steps is the last global step of train.epochs (the cosine schedule ends there)."""
     o = cfg.optim
     kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     optimizer = kind(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)

@@ -72,7 +72,9 @@ class Trainer:
 
         set_seed(cfg.train.seed)
         model = build_model(cfg, self.manifest, self.opts)
-        optimizer, self.scheduler = build_optimizer(cfg, model, self.total_steps)
+        # The schedule spans train.epochs: train.max_steps stops a run early without bending its curve, so a run
+        # stopped that way resumes on the same schedule as one that never stopped.
+        optimizer, self.scheduler = build_optimizer(cfg, model, epochs_steps)
         # The scheduler is not prepared: Accelerate would step it once per process per step.
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
