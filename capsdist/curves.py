@@ -42,7 +42,7 @@ def read_curves(run_dir: str | Path, label: str = "", smooth_steps: int = 50) ->
         except json.JSONDecodeError:
             continue  # a line cut short by a kill
         for key, value in record.items():
-            if key != "step" and isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
                 series.setdefault(key, {})[int(record["step"])] = float(value)
 
     def points(key: str, window: int = 1) -> list[tuple[int, float]]:
