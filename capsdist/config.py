@@ -42,6 +42,9 @@ class ModelConfig:
     final_lambda: float = _num(0.01, 0.0, open_lo=True)  # inverse temperature limit: lambda_t = it * (1 - 0.95^(t+1))
     variance_floor: float = _num(1e-4, 0.0, open_lo=True)  # added to every parent variance (Gritzman's fix 2)
     estep_temperature: float = _num(4.0, 0.0, open_lo=True)  # E-step log-likelihoods / T (paper 1; 4 learns faster)
+    class_lambda_scale: float = _num(1.0, 0.0, open_lo=True)  # class capsules use final_lambda * this (authors' 1/4)
+    beta_a_scale: float = _num(1.0, 0.0, open_lo=True)  # routing sees beta_a * this (authors' code: 5000)
+    init: Literal["gritzman", "authors"] = "gritzman"  # weight initialisation (capsnet.INITS)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsdist.model import PRESETS, CapsNet
+from capsdist.config import ModelConfig
+from capsdist.model import PRESETS, CapsNet, build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -121,3 +122,41 @@ def test_dead_and_saturated_capsules_are_counted():
     assert stats["dead_fraction"] == 0.25  # only capsule 0 is below 0.01 on both images
     assert stats["saturated_fraction"] == 0.25  # 2 of 8 activations
     assert abs(stats["mean_activation"] - float(a.mean())) < 1e-7
+
+
+def _small_net(**kwargs) -> CapsNet:
+    torch.manual_seed(0)
+    return CapsNet(A=8, B=4, C=4, D=4, num_classes=5, input_size=28, iterations=2, **kwargs)
+
+
+def test_routing_keys_reach_the_layers_they_name():
+    """model.class_lambda_scale scales only the class capsules' final_lambda; beta_a_scale reaches every routing
+    layer: a net with beta_a_scale s equals one whose beta_a parameters are multiplied by s."""
+    cfg = ModelConfig(size="small", A=8, B=4, C=4, D=4, final_lambda=0.02, class_lambda_scale=0.25,
+                      beta_a_scale=7.0)
+    net = build_model(cfg, in_channels=1, input_size=28, num_classes=5)
+    assert [net.conv_caps1.routing.final_lambda, net.conv_caps2.routing.final_lambda] == [0.02, 0.02]
+    assert net.class_caps.routing.final_lambda == 0.005
+    images = torch.rand(3, 1, 28, 28)
+    scaled, plain = _small_net(beta_a_scale=7.0), _small_net()
+    with torch.no_grad():
+        for layer in (scaled.conv_caps1, scaled.conv_caps2, scaled.class_caps):
+            layer.beta_a.fill_(0.3)
+        for layer in (plain.conv_caps1, plain.conv_caps2, plain.class_caps):
+            layer.beta_a.fill_(2.1)
+        torch.testing.assert_close(scaled(images), plain(images))
+        assert not torch.allclose(scaled(images), _small_net()(images))
+
+
+def test_authors_init_sets_their_scales():
+    """model.init=authors: the weight stds and betas read from the authors' code (CapsNet._init_as_authors)."""
+    net = build_model(ModelConfig(size="small", init="authors"), in_channels=1, input_size=28, num_classes=10)
+    assert abs(net.relu_conv.conv.weight.std().item() - 0.05) < 0.005
+    assert torch.all(net.relu_conv.conv.bias == 0.1) and torch.all(net.primary_caps.activation.bias == -1.0)
+    assert abs(net.primary_caps.activation.weight.std().item() - 3.0) < 0.3
+    assert abs(net.conv_caps1.weight.std().item() - 0.3) < 0.01
+    assert abs(net.class_caps.weight.std().item() - 0.01) < 0.001
+    assert torch.all(net.class_caps.beta_u == 2.0) and torch.all(net.class_caps.beta_a == 1.0)
+    assert torch.all(net.conv_caps2.beta_u == 0.5) and torch.all(net.conv_caps2.beta_a == 0.5)
+    with pytest.raises(ValueError, match="unknown init"):
+        CapsNet(A=8, B=4, C=4, D=4, num_classes=5, init="xavier")

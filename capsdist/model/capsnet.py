@@ -12,6 +12,7 @@ import torch.nn as nn
 from capsdist.model.layers import ClassCaps, ConvCaps, PrimaryCaps, ReLUConv, RoutingOptions
 
 # A: ReLUConv channels, B: primary capsule types, C and D: ConvCaps1 and ConvCaps2 types.
+INITS = ("gritzman", "authors")  # weight initialisations (see WEIGHT_STD in layers.py and _init_as_authors)
 PRESETS: dict[str, dict[str, int]] = {
     "full": {"A": 32, "B": 32, "C": 32, "D": 32},  # the paper's 310K-parameter model
     "small": {"A": 64, "B": 8, "C": 16, "D": 16},  # the paper's 68K-parameter model
@@ -30,16 +31,26 @@ class CapsNet(nn.Module):
     def __init__(self, *, A: int, B: int, C: int, D: int, num_classes: int, in_channels: int = 1,
                  input_size: int = 32, iterations: int = 3, coord_add: bool = True, alpha: float = 0.0,
                  final_lambda: float = 0.01, variance_floor: float = 1e-4, estep_temperature: float = 1.0,
+                 class_lambda_scale: float = 1.0, beta_a_scale: float = 1.0, init: str = "gritzman",
                  routing_checkpoint: bool = False):
         super().__init__()
-        routing = RoutingOptions(iterations, final_lambda, alpha, variance_floor, checkpoint=routing_checkpoint,
-                                 estep_temperature=estep_temperature)
+        if init not in INITS:
+            raise ValueError(f"unknown init {init!r}: choose one of {INITS}")
+
+        def routing_options(lam: float) -> RoutingOptions:
+            return RoutingOptions(iterations, lam, alpha, variance_floor, checkpoint=routing_checkpoint,
+                                  estep_temperature=estep_temperature, beta_a_scale=beta_a_scale)
+
+        routing = routing_options(final_lambda)
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2)
         self.primary_caps = PrimaryCaps(A, B)
         self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing)
         self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing)
-        self.class_caps = ClassCaps(D, num_classes, routing=routing, coord_add=coord_add)
+        self.class_caps = ClassCaps(D, num_classes, routing=routing_options(final_lambda * class_lambda_scale),
+                                    coord_add=coord_add)
+        if init == "authors":
+            self._init_as_authors()
         # Receptive-field centre of a position j in input pixels is a * j + b; start from pixel centres.
         a, b, size = 1.0, 0.5, input_size
         for layer in (self.relu_conv, self.primary_caps, self.conv_caps1, self.conv_caps2):
@@ -48,6 +59,22 @@ class CapsNet(nn.Module):
             if size < 1:
                 raise ValueError(f"input size {input_size} is too small for CapsNet: use at least 28x28")
         self.class_caps.set_geometry((a, b), input_size)
+
+    @torch.no_grad()
+    def _init_as_authors(self) -> None:
+        """The initialisation read from the authors' capsule_em code (docs/results.md): conv1 std 0.05 and bias
+        0.1; primary poses std 0.5; primary activations std 3 with bias -1 (their sigmoid(x - 1), here a
+        learnable bias); ConvCaps W std 0.3, beta_u = beta_a = 0.5; ClassCaps W std 0.01, beta_a 1, beta_u 2.
+        Their activation formula differs from capsdist's, so this is an ablation, not a transfer."""
+        for conv, std, bias in ((self.relu_conv.conv, 0.05, 0.1), (self.primary_caps.pose, 0.5, 0.0),
+                                (self.primary_caps.activation, 3.0, -1.0)):
+            conv.weight.normal_(0.0, std)
+            conv.bias.fill_(bias)
+        for layer, std, beta_u, beta_a in ((self.conv_caps1, 0.3, 0.5, 0.5), (self.conv_caps2, 0.3, 0.5, 0.5),
+                                           (self.class_caps, 0.01, 2.0, 1.0)):
+            layer.weight.normal_(0.0, std)
+            layer.beta_u.fill_(beta_u)
+            layer.beta_a.fill_(beta_a)
 
     @classmethod
     def from_preset(cls, preset: str, **kwargs) -> "CapsNet":

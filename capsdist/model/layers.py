@@ -56,7 +56,8 @@ class RoutingOptions(nn.Module):
     """Routing settings shared by the capsule layers (a Module only so it prints with the model)."""
 
     def __init__(self, iterations: int = 3, final_lambda: float = 0.01, alpha: float = 0.0,
-                 variance_floor: float = 1e-4, checkpoint: bool = False, estep_temperature: float = 1.0):
+                 variance_floor: float = 1e-4, checkpoint: bool = False, estep_temperature: float = 1.0,
+                 beta_a_scale: float = 1.0):
         super().__init__()
         if iterations < 1:
             raise ValueError(f"routing iterations must be >= 1, got {iterations}")
@@ -66,11 +67,12 @@ class RoutingOptions(nn.Module):
         self.variance_floor = variance_floor
         self.checkpoint = checkpoint
         self.estep_temperature = estep_temperature
+        self.beta_a_scale = beta_a_scale  # routing sees beta_a_scale * beta_a (the learned parameter stays O(1))
 
     def extra_repr(self) -> str:
         return (f"iterations={self.iterations}, final_lambda={self.final_lambda}, alpha={self.alpha}, "
                 f"variance_floor={self.variance_floor}, estep_temperature={self.estep_temperature}, "
-                f"checkpoint={self.checkpoint}")
+                f"beta_a_scale={self.beta_a_scale}, checkpoint={self.checkpoint}")
 
 
 class CapsuleLayer(nn.Module):
@@ -107,7 +109,7 @@ class CapsuleLayer(nn.Module):
     def _route(self, V: torch.Tensor, a_in: torch.Tensor, log_R0: torch.Tensor, normalise) -> RoutingResult:
         """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult."""
         opts = self.routing
-        return route(V, a_in, self.beta_u, self.beta_a, log_R0, normalise, iterations=opts.iterations,
+        return route(V, a_in, self.beta_u, self.beta_a * opts.beta_a_scale, log_R0, normalise, iterations=opts.iterations,
                      final_lambda=opts.final_lambda, alpha=opts.alpha, variance_floor=opts.variance_floor,
                      estep_temperature=opts.estep_temperature)
 

@@ -27,5 +27,6 @@ def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: in
     return CapsNet(**widths, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
                    iterations=model_cfg.iterations, coord_add=model_cfg.coord_add, alpha=model_cfg.alpha,
                    final_lambda=model_cfg.final_lambda, variance_floor=model_cfg.variance_floor,
-                   estep_temperature=model_cfg.estep_temperature,
+                   estep_temperature=model_cfg.estep_temperature, class_lambda_scale=model_cfg.class_lambda_scale,
+                   beta_a_scale=model_cfg.beta_a_scale, init=model_cfg.init,
                    routing_checkpoint=model_cfg.routing_checkpoint)
