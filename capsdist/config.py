@@ -50,7 +50,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "smallnorb"  # dataset name known to capsdist.data (seed: dataset_name)
+    dataset: str = "smallnorb"  # dataset name known to capsdist.data (the TensorFlow implementation's dataset_name)
     shards: str = ""  # directory or URL prefix with manifest.json; "" = shards/<dataset>
     val_strategy: Literal["random", "loio", "test"] = "random"  # test = selection on the test set
     val_fraction: float = _num(0.1, 0.0, 1.0, open_lo=True)  # held-out fraction for random
@@ -67,7 +67,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adam", "adamw"] = "adam"  # seed: optimizer
+    name: Literal["adam", "adamw"] = "adam"  # the TensorFlow implementation's optimizer
     lr: float = _num(1e-2, 0.0, open_lo=True)  # learning rate at step 0 (paper 3e-3; 1e-2 learns faster)
     weight_decay: float = _num(0.0, 0.0)  # L2 (adam) or decoupled (adamw) decay
     schedule: Literal["exponential", "cosine"] = "cosine"  # lr schedule over global steps (paper: exponential)

@@ -1,7 +1,13 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures: one torch thread, the tiny shards and run config of the trainer tests, a routing recorder."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+
+from train_helpers import TEST, TINY, TRAIN
 
 
 @pytest.fixture
@@ -13,3 +19,41 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """320 train / 64 test Fashion-MNIST-format samples as shards, prepared from IDX files the test writes."""
+    from test_data_formats import prepare_idx_shards
+
+    return prepare_idx_shards(tmp_path_factory.mktemp("fm-tiny"), TRAIN, TEST, shard_size=100)
+
+
+@pytest.fixture
+def tiny_config(tiny_shards, tmp_path) -> Path:
+    """A run config file for the tiny model on the tiny shards; the run dir is tmp_path/run."""
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["shards"] = str(tiny_shards)
+    cfg["run_dir"] = str(tmp_path / "run")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture
+def route_calls(monkeypatch) -> list[dict]:
+    """Every call the capsule layers make to routing during the test, in order: {"V", "a_in", "log_R0",
+    "settings", "result"} (the votes, child activations, initial log assignments, RoutingSettings and
+    RoutingResult of the call)."""
+    import capsdist.model.layers as layers
+
+    calls: list[dict] = []
+    original = layers.route
+
+    def recording_route(V, a_in, beta_u, beta_a, log_R0, normalise, **settings):
+        result = original(V, a_in, beta_u, beta_a, log_R0, normalise, **settings)
+        calls.append({"V": V, "a_in": a_in, "log_R0": log_R0, "settings": settings, "result": result})
+        return result
+
+    monkeypatch.setattr(layers, "route", recording_route)
+    return calls

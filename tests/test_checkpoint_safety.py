@@ -16,7 +16,7 @@ import pytest
 from capsdist.errors import CheckpointError
 from capsdist.train import checkpoint, trainer
 from capsdist.config import load_config
-from train_helpers import REPO, metrics, run, tiny_config, tiny_shards, train_command, train_state  # noqa: F401
+from train_helpers import REPO, metrics, run, train_command, train_state
 
 
 @pytest.fixture(scope="module")

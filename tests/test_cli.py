@@ -6,7 +6,7 @@ import sys
 
 import yaml
 
-from train_helpers import REPO, TRAIN, run, tiny_config, tiny_shards, train_command  # noqa: F401
+from train_helpers import REPO, TRAIN, run, train_command
 
 
 def _script(name: str):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import capsdist.model.layers as layers
 from capsdist.model.layers import ClassCaps, ConvCaps, RoutingOptions
 from capsdist.model.routing import em_routing
 
@@ -150,21 +149,6 @@ def test_more_iterations_change_the_result():
 # ------------------------------------------------------------------------------------------ ConvCaps R
 
 
-class RouteRecorder:
-    """Wraps capsdist.model.layers.route and keeps each call's inputs and RoutingResult."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        original = layers.route
-
-        def recording_route(V, a_in, beta_u, beta_a, log_R0, normalise, **kwargs):
-            result = original(V, a_in, beta_u, beta_a, log_R0, normalise, **kwargs)
-            self.calls.append({"V": V, "a_in": a_in, "log_R0": log_R0, "result": result, "kwargs": kwargs})
-            return result
-
-        monkeypatch.setattr(layers, "route", recording_route)
-
-
 def _code_poses(n, t, h, w):
     """Poses that name their child: entry 0 = image, 1 = type, 2 = row, 4 = column (4x4 row-major)."""
     poses = torch.zeros(n, t, 16, h, w)
@@ -175,7 +159,7 @@ def _code_poses(n, t, h, w):
     return poses
 
 
-def _child_index(layer_cls_args, n, t, h, w, monkeypatch):
+def _child_index(layer_cls_args, n, t, h, w, route_calls):
     """For every (routing problem, child) of a ConvCaps layer: the child's flat index in the (N, T, H, W) grid,
     read from the votes of an identity-weight copy of the layer fed with self-describing poses (so the test
     does not depend on the layer's internal child order). -> (N', I) int64."""
@@ -183,9 +167,8 @@ def _child_index(layer_cls_args, n, t, h, w, monkeypatch):
     probe = ConvCaps(in_types, out_types, kernel, stride, RoutingOptions(1))
     with torch.no_grad():
         probe.weight.copy_(torch.eye(4).expand_as(probe.weight))  # vote = M @ I = M
-    rec = RouteRecorder(monkeypatch)
     probe(_code_poses(n, t, h, w), torch.full((n, t, h, w), 0.5))
-    V = rec.calls[-1]["V"]
+    V = route_calls[-1]["V"]
     V = V.reshape(*V.shape[:3], 16)[:, 0]  # (N', I, 16), parent type 0 (all types get the same vote)
     b, ty, r, c = (V[..., k].round().long() for k in (0, 1, 2, 4))
     return ((b * t + ty) * h + r) * w + c, (b, ty, r, c)
@@ -193,11 +176,11 @@ def _child_index(layer_cls_args, n, t, h, w, monkeypatch):
 
 @pytest.mark.parametrize("size,kernel,stride", [(14, 3, 2), (6, 3, 1), (7, 3, 2)])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, iterations, monkeypatch):
+def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, iterations, route_calls):
     """Fix 1: after routing, each child's R summed over every parent of every window that holds it is 1
     (iterations 1: the uniform initial R; 3: R from an E-step); children in no window have none."""
     n, t, o = 2, 3, 4
-    idx, (b, ty, r, c) = _child_index((t, o, kernel, stride), n, t, size, size, monkeypatch)
+    idx, (b, ty, r, c) = _child_index((t, o, kernel, stride), n, t, size, size, route_calls)
     out = (size - kernel) // stride + 1
     # geometry: each routing problem holds exactly one K x K window of all T types of one image
     assert idx.shape == (n * out * out, kernel * kernel * t)
@@ -215,9 +198,8 @@ def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, 
     g = torch.Generator().manual_seed(4)
     poses = torch.randn(n, t, 16, size, size, generator=g)
     acts = torch.rand(n, t, size, size, generator=g) * 0.8 + 0.1
-    rec = RouteRecorder(monkeypatch)
     layer(poses, acts)
-    call = rec.calls[-1]
+    call = route_calls[-1]
     # the child activations routing sees are the grid's activations at the same children
     torch.testing.assert_close(call["a_in"].float(), acts.reshape(-1)[idx], rtol=0, atol=0)
     R = call["result"].log_R.exp()  # (N', O, I)
@@ -234,25 +216,23 @@ def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, 
         assert (R - R0).abs().max() > 1e-3
 
 
-def test_convcaps_assignments_not_normalised_per_window(monkeypatch):
+def test_convcaps_assignments_not_normalised_per_window(route_calls):
     """Fix 1 is real: with stride 1 a child shares its R among windows, so R summed over the parents of one
     window is below 1 for some children in several windows (a per-window softmax would give exactly 1)."""
-    rec = RouteRecorder(monkeypatch)
     torch.manual_seed(0)
     layer = ConvCaps(2, 3, 3, 1, RoutingOptions(3))
     g = torch.Generator().manual_seed(1)
     layer(torch.randn(1, 2, 16, 5, 5, generator=g), torch.rand(1, 2, 5, 5, generator=g))
-    per_window = rec.calls[-1]["result"].log_R.exp().sum(1)  # (N', I)
+    per_window = route_calls[-1]["result"].log_R.exp().sum(1)  # (N', I)
     assert (per_window < 0.5).any()
     assert per_window.max() <= 1.0 + 1e-5
 
 
-def test_classcaps_assignments_sum_to_one(monkeypatch):
-    rec = RouteRecorder(monkeypatch)
+def test_classcaps_assignments_sum_to_one(route_calls):
     layer = ClassCaps(3, 5, RoutingOptions(3))
     g = torch.Generator().manual_seed(2)
     layer(torch.randn(2, 3, 16, 3, 3, generator=g), torch.rand(2, 3, 3, 3, generator=g))
-    R = rec.calls[-1]["result"].log_R.exp()
+    R = route_calls[-1]["result"].log_R.exp()
     assert R.shape == (2, 5, 27)
     torch.testing.assert_close(R.sum(1), torch.ones(2, 27), rtol=0, atol=1e-5)
 

@@ -15,8 +15,7 @@ from capsdist.data.manifest import load_manifest
 from capsdist.data.plan import select
 from capsdist.errors import TrainingError
 from capsdist.train import checkpoint, trainer
-from train_helpers import (STEPS_PER_EPOCH, losses, metrics, run, tiny_config, tiny_shards,  # noqa: F401
-                           train_command, train_state)
+from train_helpers import STEPS_PER_EPOCH, losses, metrics, run, train_command, train_state
 
 
 @pytest.mark.parametrize("override, words", [

@@ -6,8 +6,7 @@ import sys
 
 import torch
 
-from train_helpers import (REPO, free_port, losses, run, tiny_config, tiny_shards,  # noqa: F401
-                           run_env, train_command, weights)
+from train_helpers import REPO, free_port, losses, run, run_env, train_command, weights
 
 
 def test_two_nodes_then_one_node_match_one_node(tiny_config, tmp_path):

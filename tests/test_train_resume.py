@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from capsdist.train import checkpoint
-from train_helpers import (BATCH, STEPS_PER_EPOCH, kill_group, losses, metrics, run, start,  # noqa: F401
-                           tiny_config, tiny_shards, train_command, train_state, wait_for_step, weights)
+from train_helpers import (BATCH, STEPS_PER_EPOCH, kill_group, losses, metrics, run, start, train_command,
+                           train_state, wait_for_step, weights)
 
 TOTAL = STEPS_PER_EPOCH + 12  # crosses an epoch boundary after the resume
 

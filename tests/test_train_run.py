@@ -3,8 +3,7 @@
 import json
 import sys
 
-from train_helpers import (REPO, STEPS_PER_EPOCH, TEST, TRAIN, free_port, metrics, run, tiny_config,  # noqa: F401
-                           tiny_shards, train_command, train_state)
+from train_helpers import REPO, STEPS_PER_EPOCH, TEST, TRAIN, free_port, metrics, run, train_command, train_state
 
 
 def test_two_process_run_and_evaluate(tiny_config, tmp_path):

@@ -7,8 +7,7 @@ import time
 from pathlib import Path
 
 from capsdist.train import checkpoint
-from train_helpers import (kill_group, losses, start, tiny_config, tiny_shards, train_command,  # noqa: F401
-                           train_state, wait_for_step)
+from train_helpers import kill_group, losses, start, train_command, train_state, wait_for_step
 
 
 def _rank_pid(launcher: int, rank: int) -> int:

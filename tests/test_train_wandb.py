@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from train_helpers import run, tiny_config, tiny_shards, train_command  # noqa: F401
+from train_helpers import run, train_command
 
 WANDB = Path(sys.executable).with_name("wandb")
 

@@ -1,14 +1,12 @@
-"""Shared fixtures and helpers of the trainer tests: tiny shards, a tiny run config, launching runs.
+"""Helpers of the trainer tests: the tiny run config, launching runs, reading their metrics and checkpoints.
 
-Import the fixtures into a test module with `from train_helpers import tiny_config  # noqa: F401`.
-The tiny model (A=8, B=C=D=4, one routing iteration) on 320 + 64 Fashion-MNIST-format images makes a
+The fixtures `tiny_shards` and `tiny_config` (conftest.py) build on TINY. The tiny model (A=8, B=C=D=4, one routing iteration) on 320 + 64 Fashion-MNIST-format images makes a
 training step take a few milliseconds, so the tests measure the trainer, not the network. The images are
 written by the tests themselves (IDX files, then shards), so nothing outside the repository is needed.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -16,9 +14,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN, TEST, BATCH = 320, 64, 16  # tiny split sizes; val = 10% of TRAIN; global batch
@@ -34,25 +29,6 @@ TINY = {
     "checkpoint": {"every_steps": 5, "keep_last": 2},
     "logging": {"every_steps": 4, "wandb": {"mode": "disabled"}},
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    """320 train / 64 test Fashion-MNIST-format samples as shards, prepared from IDX files the test writes."""
-    from test_data_formats import prepare_idx_shards
-
-    return prepare_idx_shards(tmp_path_factory.mktemp("fm-tiny"), TRAIN, TEST, shard_size=100)
-
-
-@pytest.fixture
-def tiny_config(tiny_shards, tmp_path) -> Path:
-    """A run config file for the tiny model on the tiny shards; the run dir is tmp_path/run."""
-    cfg = json.loads(json.dumps(TINY))
-    cfg["data"]["shards"] = str(tiny_shards)
-    cfg["run_dir"] = str(tmp_path / "run")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def free_port() -> int:

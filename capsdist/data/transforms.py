@@ -1,6 +1,6 @@
 """Per-sample transforms: stored uint8 views (V, H, W) -> float32 model input (C, h, w).
 
-smallNORB (paper and seed): views (2, 96, 96) -> both or only the left view -> bilinear resize to
+smallNORB (the paper and the TensorFlow implementation): views (2, 96, 96) -> both or only the left view -> bilinear resize to
 48x48 -> per-image standardization -> training: random 32x32 crop, random brightness (delta uniform in
 [-0.4, 0.4]), random contrast (factor uniform in [0, 3], around each channel's mean, like
 tf.image.random_contrast(0, 3)); evaluation: centre 32x32 crop. Output (2 or 1, 32, 32).
@@ -64,7 +64,7 @@ class SampleTransform:
 
     def _norb(self, views: np.ndarray, index: int) -> torch.Tensor:
         x = torch.from_numpy(views[:1] if self.channels == "left" else views).float().div_(255)
-        # bilinear without antialiasing, as tf.image.resize in the seed: for 96 -> 48 a 2x2 average
+        # bilinear without antialiasing, as tf.image.resize in the TensorFlow implementation: for 96 -> 48 a 2x2 average
         x = standardize(TF.resize(x, [NORB_RESIZE, NORB_RESIZE], antialias=False))  # (C, 48, 48)
         if not (self.train and self.augment):
             return TF.center_crop(x, [NORB_CROP, NORB_CROP])
