@@ -19,8 +19,12 @@ from typing import Any, Literal
 
 import yaml
 
+from capsdist.data.pipeline import DataOptions
+from capsdist.data.sources import DATASETS
 from capsdist.errors import ConfigError
 from capsdist.files import write_atomic
+from capsdist.loss import LOSSES, MARGIN_SCHEDULES
+from capsdist.model import INITS, MODEL_SIZES, RECIPE
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
@@ -28,39 +32,44 @@ def _num(default: float, lo: float | None = None, hi: float | None = None, *, op
     return field(default=default, metadata={"lo": lo, "hi": hi, "open_lo": open_lo})
 
 
+# The defaults of the routing keys are capsdist's recipe (capsdist.model.RECIPE; the paper's are model.PAPER),
+# those of the data keys the loaders' own (capsdist.data.DataOptions): each value is written once, there.
+_DATA = DataOptions(shards="")
+
+
 @dataclass
 class ModelConfig:
-    size: Literal["full", "small", "cnn", "cnn-small"] = "small"  # capsules: full A=B=C=D=32, small A=64 B=8
-    # C=D=16; CNN baselines: cnn (the paper's, 4.2M parameters), cnn-small (about small's size)
+    size: Literal[MODEL_SIZES] = "small"  # capsules: full A=B=C=D=32, small A=64 B=8 C=D=16 (model.PRESETS);
+    # CNN baselines: cnn (the paper's, 4.2M parameters), cnn-small (about small's size) (model.CNN_PRESETS)
     A: int = _num(0, 0)  # ReLU conv channels; 0 keeps the preset's value (tests use tiny widths)
     B: int = _num(0, 0)  # primary capsule types; 0 = preset
     C: int = _num(0, 0)  # ConvCaps1 capsule types; 0 = preset
     D: int = _num(0, 0)  # ConvCaps2 capsule types; 0 = preset
-    iterations: int = _num(2, 1)  # EM routing iterations (paper: 3; 2 learns faster, docs/results.md)
-    alpha: float = _num(0.0, 0.0, 1.0)  # moving average of poses across iterations (paper 0, authors' code 0.1)
+    iterations: int = _num(RECIPE.iterations, 1)  # EM routing iterations
+    alpha: float = _num(RECIPE.alpha, 0.0, 1.0)  # moving average of poses across iterations
     coord_add: bool = True  # add scaled coordinates to class-capsule votes (paper)
-    final_lambda: float = _num(0.01, 0.0, open_lo=True)  # inverse temperature limit: lambda_t = it * (1 - 0.95^(t+1))
-    variance_floor: float = _num(1e-4, 0.0, open_lo=True)  # added to every parent variance (Gritzman's fix 2)
-    estep_temperature: float = _num(4.0, 0.0, open_lo=True)  # E-step log-likelihoods / T (paper 1; 4 learns faster)
-    class_lambda_scale: float = _num(1.0, 0.0, open_lo=True)  # class capsules use final_lambda * this (authors' 1/4)
-    beta_a_scale: float = _num(1.0, 0.0, open_lo=True)  # routing sees beta_a * this (authors' code: 5000)
-    init: Literal["gritzman", "authors"] = "gritzman"  # weight initialisation (capsnet.INITS)
+    final_lambda: float = _num(RECIPE.final_lambda, 0.0, open_lo=True)  # inverse temperature at the last iteration
+    variance_floor: float = _num(RECIPE.variance_floor, 0.0, open_lo=True)  # added to every parent variance
+    estep_temperature: float = _num(RECIPE.estep_temperature, 0.0, open_lo=True)  # E-step log-likelihoods / T
+    class_lambda_scale: float = _num(RECIPE.class_lambda_scale, 0.0, open_lo=True)  # class layer: final_lambda * this
+    beta_a_scale: float = _num(RECIPE.beta_a_scale, 0.0, open_lo=True)  # routing sees beta_a * this
+    init: Literal[INITS] = "gritzman"  # weight initialisation (capsnet.INITS)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "smallnorb"  # dataset name known to capsdist.data (the TensorFlow implementation's dataset_name)
+    dataset: str = "smallnorb"  # one of capsdist.data.DATASETS (the TensorFlow implementation's dataset_name)
     shards: str = ""  # directory or URL prefix with manifest.json; "" = shards/<dataset>
-    val_strategy: Literal["random", "loio", "test"] = "random"  # test = selection on the test set
-    val_fraction: float = _num(0.1, 0.0, 1.0, open_lo=True)  # held-out fraction for random
-    viewpoint: Literal["none", "azimuth", "elevation"] = "none"  # smallNORB novel-viewpoint split
-    channels: Literal["both", "left"] = "both"  # smallNORB stereo channels
-    augment: bool = True  # training augmentation
-    pad_crop: int = _num(0, 0)  # MNIST-likes: pad by N then random-crop back
-    num_workers: int = _num(2, 0)  # data loader workers per process
-    shuffle_buffer: int = _num(1000, 1)  # WebDataset shuffle buffer (samples)
-    skip_corrupt: bool = False  # skip corrupt samples instead of failing
+    val_strategy: Literal["random", "loio", "test"] = _DATA.val_strategy  # test = selection on the test set
+    val_fraction: float = _num(_DATA.val_fraction, 0.0, 1.0, open_lo=True)  # held-out fraction for random
+    viewpoint: Literal["none", "azimuth", "elevation"] = _DATA.viewpoint  # smallNORB novel-viewpoint split
+    channels: Literal["both", "left"] = _DATA.channels  # smallNORB stereo channels
+    augment: bool = _DATA.augment  # training augmentation
+    pad_crop: int = _num(_DATA.pad_crop, 0)  # MNIST-likes: pad by N then random-crop back
+    num_workers: int = _num(_DATA.num_workers, 0)  # data loader workers per process
+    shuffle_buffer: int = _num(_DATA.shuffle_buffer, 1)  # WebDataset shuffle buffer (samples)
+    skip_corrupt: bool = _DATA.skip_corrupt  # skip corrupt samples instead of failing
     max_skipped_fraction: float = _num(0.01, 0.0, 1.0)  # skip_corrupt: stop when an epoch loses more than this
     prepare: Literal["auto", "never"] = "auto"  # auto: rank 0 prepares missing shards
 
@@ -79,8 +88,8 @@ class OptimConfig:
 
 @dataclass
 class LossConfig:
-    name: Literal["spread_loss", "categorical_crossentropy", "squared_hinge"] = "spread_loss"
-    margin_schedule: Literal["linear", "sigmoid"] = "linear"  # linear 0.2->0.9 (paper), sigmoid (authors)
+    name: Literal[LOSSES] = "spread_loss"
+    margin_schedule: Literal[MARGIN_SCHEDULES] = "linear"  # linear 0.2->0.9 (paper), sigmoid (authors)
     max_margin_steps: int = _num(20000, 1)  # global step at which the margin reaches its maximum
 
 
@@ -247,6 +256,8 @@ def validate(cfg: Config, source: str) -> None:
                 raise ConfigError(f"{key}: {value} must be <= {hi}")
 
     walk(cfg, "")
+    if cfg.data.dataset not in DATASETS:
+        raise ConfigError(f"{source}: data.dataset: unknown dataset {cfg.data.dataset!r}; known: {', '.join(DATASETS)}")
     if cfg.data.val_strategy == "loio" and cfg.data.dataset != "smallnorb":
         raise ConfigError(f"{source}: data.val_strategy: loio (leave instance out) exists only for smallnorb")
     if cfg.data.viewpoint != "none" and cfg.data.dataset != "smallnorb":

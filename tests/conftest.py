@@ -50,8 +50,8 @@ def route_calls(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     original = layers.route
 
-    def recording_route(V, a_in, beta_u, beta_a, log_R0, normalise, **settings):
-        result = original(V, a_in, beta_u, beta_a, log_R0, normalise, **settings)
+    def recording_route(V, a_in, beta_u, beta_a, log_R0, normalise, settings):
+        result = original(V, a_in, beta_u, beta_a, log_R0, normalise, settings)
         calls.append({"V": V, "a_in": a_in, "log_R0": log_R0, "settings": settings, "result": result})
         return result
 

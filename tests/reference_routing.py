@@ -17,7 +17,7 @@ import math
 import torch
 
 P = 16
-DATA_SCALE = 100.0  # routing.py's fix 3 constant, written out again on purpose
+DATA_SCALE = 100.0  # routing.py's pitfall 2 constant, written out again on purpose
 
 
 def inverse_temperature(t: int, final_lambda: float) -> float:
@@ -27,13 +27,13 @@ def inverse_temperature(t: int, final_lambda: float) -> float:
 
 def m_step(R, a_in, V, beta_u, beta_a, lam, scale, variance_floor, mu_prev, alpha):
     """One M-step. R (N', O, I), a_in (N', I), V (N', O, I, P) -> mu, sigma_sq (N', O, P), a_out (N', O)."""
-    Ra = R * a_in[:, None, :] * scale  # (N', O, I), fix 3 data scale
+    Ra = R * a_in[:, None, :] * scale  # (N', O, I), pitfall 2 data scale
     sum_Ra = Ra.sum(dim=2)  # (N', O)
     mu = (Ra[..., None] * V).sum(dim=2) / sum_Ra[..., None].clamp_min(1e-10)  # (N', O, P)
     if mu_prev is not None:
         mu = (1.0 - alpha) * mu + alpha * mu_prev  # moving average of poses across iterations
     diff_sq = (V - mu[:, :, None, :]) ** 2  # (N', O, I, P)
-    sigma_sq = (Ra[..., None] * diff_sq).sum(dim=2) / sum_Ra[..., None].clamp_min(1e-10) + variance_floor  # fix 2
+    sigma_sq = (Ra[..., None] * diff_sq).sum(dim=2) / sum_Ra[..., None].clamp_min(1e-10) + variance_floor  # pitfall 1
     log_sigma = 0.5 * torch.log(sigma_sq)
     cost = (beta_u[:, None] + log_sigma) * sum_Ra[..., None]  # (N', O, P)
     a_out = torch.sigmoid(lam * (beta_a - cost.sum(dim=-1)))  # (N', O)
@@ -128,7 +128,7 @@ def reference_conv_caps(poses, activations, weight, beta_u, beta_a, *, kernel, s
     """ConvCaps forward: poses (N, T, 16, H, W), activations (N, T, H, W) ->
     poses (N, O, 16, H', W'), activations (N, O, H', W'), R (N * L, O, I) of the last M-step.
 
-    Fix 1: a child's assignments sum to 1 over every parent of every window that holds it, initially uniform
+    Pitfall 3: a child's assignments sum to 1 over every parent of every window that holds it, initially uniform
     over that set: R0 = 1 / (O * number of windows)."""
     n, t, _, h, w = poses.shape
     o = weight.shape[2]

@@ -13,7 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsdist.model.layers import ClassCaps, ConvCaps, RoutingOptions
+from capsdist.model.layers import ClassCaps, ConvCaps
+from capsdist.model.routing import RoutingSettings
 from capsdist.model.routing import em_routing
 from reference_routing import reference_class_caps, reference_conv_caps, reference_em_routing
 
@@ -89,7 +90,7 @@ def test_convcaps_matches_reference(stride, t, o, size, final_lambda, alpha, dty
     seed = 10 * stride + size
     torch.manual_seed(seed)
     layer = ConvCaps(t, o, kernel=3, stride=stride,
-                     routing=RoutingOptions(ITERATIONS, final_lambda=final_lambda, alpha=alpha))
+                     routing=RoutingSettings(ITERATIONS, final_lambda=final_lambda, alpha=alpha))
     _set_betas(layer, seed)
     poses, acts = _inputs(seed, 2, t, size, size)
 
@@ -118,7 +119,7 @@ CLASS_CASES = [
 def test_classcaps_matches_reference(coord_add, centre_scale, input_size, dtype):
     seed = 7
     torch.manual_seed(seed)
-    layer = ClassCaps(3, 4, routing=RoutingOptions(ITERATIONS), coord_add=coord_add)
+    layer = ClassCaps(3, 4, routing=RoutingSettings(ITERATIONS), coord_add=coord_add)
     layer.set_geometry(centre_scale, input_size)
     _set_betas(layer, seed)
     poses, acts = _inputs(seed, 2, 3, 3, 3)
@@ -139,7 +140,7 @@ def test_classcaps_coordinate_addition_is_exactly_the_centre_offsets():
     centre row (a * r + b) / input_size to flat entry 3 and the column to flat entry 7, nothing else. The
     poses name their child (entry 0 type, 1 row, 2 column), so this does not depend on the child order."""
     t, o, h, w = 2, 3, 3, 4
-    layer = ClassCaps(t, o, routing=RoutingOptions(1), coord_add=True)
+    layer = ClassCaps(t, o, routing=RoutingSettings(1), coord_add=True)
     layer.set_geometry((8.0, 9.5), 28)
     with torch.no_grad():
         layer.weight.copy_(torch.eye(4).expand_as(layer.weight))
@@ -187,7 +188,7 @@ def test_estep_temperature_matches_reference(layer_kind, dtype):
     and the temperature really changes the result (the comparison is not vacuous)."""
     seed, temperature = 11, 4.0
     torch.manual_seed(seed)
-    routing = RoutingOptions(ITERATIONS, estep_temperature=temperature)
+    routing = RoutingSettings(ITERATIONS, estep_temperature=temperature)
     if layer_kind == "conv":
         layer = ConvCaps(2, 3, kernel=3, stride=1, routing=routing)
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from capsdist.model import CapsNet
-from capsdist.model.layers import ClassCaps, ConvCaps, RoutingOptions
+from capsdist.model.layers import ClassCaps, ConvCaps
+from capsdist.model.routing import RoutingSettings
 from capsdist.model.routing import em_routing
 
 
@@ -73,7 +74,7 @@ def test_single_parent_stays_finite():
 def test_capsnet_extreme_inputs_finite_gradients(case):
     """Small CapsNet: forward and the gradient of every parameter stay finite for extreme images."""
     torch.manual_seed(0)
-    model = CapsNet.from_preset("small", num_classes=3, input_size=28, iterations=2)
+    model = CapsNet.from_preset("small", num_classes=3, input_size=28, routing=RoutingSettings(iterations=2))
     x = {"tiny": torch.randn(2, 1, 28, 28) * 1e-6, "huge": torch.randn(2, 1, 28, 28) * 1e4,
          "zeros": torch.zeros(2, 1, 28, 28)}[case]
     acts, poses = model(x, return_poses=True)
@@ -110,9 +111,9 @@ def test_em_routing_gradcheck_float64(alpha):
 
 
 def test_convcaps_gradcheck_float64():
-    """Through the conv normalisation (fix 1) and the fused vote gradient, stride 1 (overlapping windows)."""
+    """Through the conv normalisation (pitfall 3) and the fused vote gradient, stride 1 (overlapping windows)."""
     torch.manual_seed(0)
-    layer = ConvCaps(1, 2, 3, 1, RoutingOptions(2, final_lambda=0.1)).double()
+    layer = ConvCaps(1, 2, 3, 1, RoutingSettings(2, final_lambda=0.1)).double()
     g = torch.Generator().manual_seed(1)
     poses = torch.randn(1, 1, 16, 4, 3, generator=g, dtype=torch.float64)
     acts = torch.rand(1, 1, 4, 3, generator=g, dtype=torch.float64) * 0.8 + 0.1
@@ -127,7 +128,7 @@ def test_convcaps_gradcheck_float64():
 
 def test_classcaps_gradcheck_float64():
     torch.manual_seed(0)
-    layer = ClassCaps(2, 3, RoutingOptions(2, final_lambda=0.1), coord_add=True).double()
+    layer = ClassCaps(2, 3, RoutingSettings(2, final_lambda=0.1), coord_add=True).double()
     layer.set_geometry((4.0, 8.5), 28)
     g = torch.Generator().manual_seed(1)
     poses = torch.randn(1, 2, 16, 2, 2, generator=g, dtype=torch.float64)
@@ -145,7 +146,7 @@ def test_classcaps_gradcheck_float64():
 
 def test_bfloat16_autocast_forward_backward(route_calls):
     torch.manual_seed(0)
-    model = CapsNet.from_preset("small", num_classes=5, input_size=28, iterations=2)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28, routing=RoutingSettings(iterations=2))
     x = torch.randn(2, 1, 28, 28)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         acts, poses = model(x, return_poses=True)
@@ -169,7 +170,7 @@ def test_bfloat16_autocast_forward_backward(route_calls):
 
 def test_bfloat16_autocast_initial_assignments_are_float32_exact(route_calls):
     torch.manual_seed(0)
-    model = CapsNet.from_preset("small", num_classes=5, input_size=28, iterations=1)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28, routing=RoutingSettings(iterations=1))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(1, 1, 28, 28))
     for call in route_calls:

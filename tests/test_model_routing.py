@@ -1,11 +1,12 @@
-"""Properties of EM routing (capsdist.model.routing.em_routing) and of the ConvCaps assignments (fix 1)."""
+"""Properties of EM routing (capsdist.model.routing.em_routing) and of the ConvCaps assignments (Gritzman's pitfall 3)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from capsdist.model.layers import ClassCaps, ConvCaps, RoutingOptions
+from capsdist.model.layers import ClassCaps, ConvCaps
+from capsdist.model.routing import RoutingSettings
 from capsdist.model.routing import em_routing
 
 
@@ -42,7 +43,7 @@ def test_rejects_bad_shapes_and_iterations():
     with pytest.raises(ValueError):
         em_routing(votes, a_in, beta_u, beta_a, iterations=0)
     with pytest.raises(ValueError):
-        RoutingOptions(iterations=0)
+        RoutingSettings(iterations=0)
 
 
 @pytest.mark.parametrize("iterations", [1, 3])
@@ -164,7 +165,7 @@ def _child_index(layer_cls_args, n, t, h, w, route_calls):
     read from the votes of an identity-weight copy of the layer fed with self-describing poses (so the test
     does not depend on the layer's internal child order). -> (N', I) int64."""
     in_types, out_types, kernel, stride = layer_cls_args
-    probe = ConvCaps(in_types, out_types, kernel, stride, RoutingOptions(1))
+    probe = ConvCaps(in_types, out_types, kernel, stride, RoutingSettings(1))
     with torch.no_grad():
         probe.weight.copy_(torch.eye(4).expand_as(probe.weight))  # vote = M @ I = M
     probe(_code_poses(n, t, h, w), torch.full((n, t, h, w), 0.5))
@@ -177,7 +178,7 @@ def _child_index(layer_cls_args, n, t, h, w, route_calls):
 @pytest.mark.parametrize("size,kernel,stride", [(14, 3, 2), (6, 3, 1), (7, 3, 2)])
 @pytest.mark.parametrize("iterations", [1, 3])
 def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, iterations, route_calls):
-    """Fix 1: after routing, each child's R summed over every parent of every window that holds it is 1
+    """Pitfall 3: after routing, each child's R summed over every parent of every window that holds it is 1
     (iterations 1: the uniform initial R; 3: R from an E-step); children in no window have none."""
     n, t, o = 2, 3, 4
     idx, (b, ty, r, c) = _child_index((t, o, kernel, stride), n, t, size, size, route_calls)
@@ -194,7 +195,7 @@ def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, 
     assert len(windows) == n * out * out
 
     torch.manual_seed(3)
-    layer = ConvCaps(t, o, kernel, stride, RoutingOptions(iterations))
+    layer = ConvCaps(t, o, kernel, stride, RoutingSettings(iterations))
     g = torch.Generator().manual_seed(4)
     poses = torch.randn(n, t, 16, size, size, generator=g)
     acts = torch.rand(n, t, size, size, generator=g) * 0.8 + 0.1
@@ -217,10 +218,10 @@ def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, 
 
 
 def test_convcaps_assignments_not_normalised_per_window(route_calls):
-    """Fix 1 is real: with stride 1 a child shares its R among windows, so R summed over the parents of one
+    """Pitfall 3 is handled: with stride 1 a child shares its R among windows, so R summed over the parents of one
     window is below 1 for some children in several windows (a per-window softmax would give exactly 1)."""
     torch.manual_seed(0)
-    layer = ConvCaps(2, 3, 3, 1, RoutingOptions(3))
+    layer = ConvCaps(2, 3, 3, 1, RoutingSettings(3))
     g = torch.Generator().manual_seed(1)
     layer(torch.randn(1, 2, 16, 5, 5, generator=g), torch.rand(1, 2, 5, 5, generator=g))
     per_window = route_calls[-1]["result"].log_R.exp().sum(1)  # (N', I)
@@ -229,7 +230,7 @@ def test_convcaps_assignments_not_normalised_per_window(route_calls):
 
 
 def test_classcaps_assignments_sum_to_one(route_calls):
-    layer = ClassCaps(3, 5, RoutingOptions(3))
+    layer = ClassCaps(3, 5, RoutingSettings(3))
     g = torch.Generator().manual_seed(2)
     layer(torch.randn(2, 3, 16, 3, 3, generator=g), torch.rand(2, 3, 3, 3, generator=g))
     R = route_calls[-1]["result"].log_R.exp()
@@ -246,7 +247,7 @@ def test_routing_checkpoint_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        layer = ConvCaps(2, 3, 3, 1, RoutingOptions(3, checkpoint=ckpt)).double()
+        layer = ConvCaps(2, 3, 3, 1, RoutingSettings(3), checkpoint=ckpt).double()
         p_in, a_in = poses.clone().requires_grad_(), acts.clone().requires_grad_()
         out_p, out_a = layer(p_in, a_in)
         (out_p.sin().sum() + out_a.sum()).backward()

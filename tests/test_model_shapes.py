@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from capsdist.config import ModelConfig
-from capsdist.model import PRESETS, CapsNet, build_model
+from capsdist.model import PRESETS, CapsNet, RoutingSettings, build_model
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,7 +23,8 @@ def test_shapes_at_every_layer(preset, size, channels):
     A, B, C, D = (PRESETS[preset][k] for k in "ABCD")
     k, n = 5, (1 if preset == "full" else 2)  # full preset: one image keeps the test fast
     torch.manual_seed(0)
-    model = CapsNet.from_preset(preset, in_channels=channels, input_size=size, num_classes=k, iterations=1)
+    model = CapsNet.from_preset(preset, in_channels=channels, input_size=size, num_classes=k,
+                                routing=RoutingSettings(iterations=1))
     h1, h2, h3, h4 = SIZES[size]
     x = torch.randn(n, channels, size, size)
     with torch.no_grad():
@@ -73,7 +74,7 @@ def test_unknown_preset_and_where_parameters_grow():
 def test_too_small_input_raises():
     with pytest.raises(ValueError):
         CapsNet.from_preset("small", num_classes=5, input_size=16)
-    model = CapsNet.from_preset("small", num_classes=5, input_size=28, iterations=1)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28, routing=RoutingSettings(iterations=1))
     with pytest.raises(ValueError):
         model(torch.randn(1, 1, 16, 16))  # too small for ConvCaps2
     with pytest.raises(ValueError):
@@ -92,7 +93,7 @@ def test_class_caps_geometry_is_the_receptive_field_centre():
 
 def test_health_stats_after_forward():
     torch.manual_seed(0)
-    model = CapsNet.from_preset("small", num_classes=5, input_size=28, iterations=2)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28, routing=RoutingSettings(iterations=2))
     with torch.no_grad():
         model(torch.randn(2, 1, 28, 28))
     stats = model.health_stats()
@@ -122,9 +123,9 @@ def test_dead_and_saturated_capsules_are_counted():
     assert abs(stats["mean_activation"] - float(a.mean())) < 1e-7
 
 
-def _small_net(**kwargs) -> CapsNet:
+def _small_net(**routing) -> CapsNet:
     torch.manual_seed(0)
-    return CapsNet(A=8, B=4, C=4, D=4, num_classes=5, input_size=28, iterations=2, **kwargs)
+    return CapsNet(A=8, B=4, C=4, D=4, num_classes=5, input_size=28, routing=RoutingSettings(iterations=2, **routing))
 
 
 def test_routing_keys_reach_the_layers_they_name():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from capsdist.model import CapsNet
+from capsdist.model import CapsNet, RoutingSettings
 from capsdist.train.health import ClassHealthMonitor, grad_norms
 
 
@@ -31,7 +31,7 @@ def test_class_health_monitor_warns_once_when_all_dead_and_again_on_recovery(cap
 
 def test_grad_norms_per_layer_and_total():
     torch.manual_seed(0)
-    model = CapsNet(A=8, B=4, C=4, D=4, num_classes=3, input_size=28, iterations=1)
+    model = CapsNet(A=8, B=4, C=4, D=4, num_classes=3, input_size=28, routing=RoutingSettings(iterations=1))
     model(torch.randn(2, 1, 28, 28)).sum().backward()
     norms = grad_norms(model)
     layers = ["relu_conv", "primary_caps", "conv_caps1", "conv_caps2", "class_caps"]

@@ -1,8 +1,9 @@
 """The models: EM routing, capsule layers, the CapsNet presets, the CNN baselines, and building one by name."""
 
-from capsdist.model.capsnet import PRESETS, CapsNet
+from capsdist.model.capsnet import INITS, PRESETS, CapsNet
 from capsdist.model.cnn import CNN_PRESETS, BaselineCNN
 from capsdist.model.registry import MODEL_SIZES, build_model
-from capsdist.model.routing import em_routing
+from capsdist.model.routing import PAPER, RECIPE, RoutingSettings, em_routing
 
-__all__ = ["BaselineCNN", "CNN_PRESETS", "CapsNet", "MODEL_SIZES", "PRESETS", "build_model", "em_routing"]
+__all__ = ["BaselineCNN", "CNN_PRESETS", "CapsNet", "INITS", "MODEL_SIZES", "PAPER", "PRESETS", "RECIPE",
+           "RoutingSettings", "build_model", "em_routing"]

@@ -6,10 +6,13 @@ For a 28x28 input:        28 -> 12 -> 12 -> 5 -> 3 -> classes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn as nn
 
-from capsdist.model.layers import ClassCaps, ConvCaps, PrimaryCaps, ReLUConv, RoutingOptions
+from capsdist.model.layers import ClassCaps, ConvCaps, PrimaryCaps, ReLUConv
+from capsdist.model.routing import PAPER, RoutingSettings
 
 # A: ReLUConv channels, B: primary capsule types, C and D: ConvCaps1 and ConvCaps2 types.
 INITS = ("gritzman", "authors")  # weight initialisations (see WEIGHT_STD in layers.py and _init_as_authors)
@@ -24,31 +27,25 @@ class CapsNet(nn.Module):
 
     forward(images (N, C, H, W)) -> class activations (N, classes) in (0, 1);
     with return_poses=True also class poses (N, classes, 16).
-    The constructor's routing defaults are the paper's (3 iterations, E-step temperature 1); the run config's
-    defaults (capsdist.config.ModelConfig) carry capsdist's measured recipe.
+    `routing` defaults to the paper's settings (routing.PAPER); the run config starts from capsdist's measured
+    recipe (routing.RECIPE). The class layer routes with final_lambda * routing.class_lambda_scale.
     """
 
     def __init__(self, *, A: int, B: int, C: int, D: int, num_classes: int, in_channels: int = 1,
-                 input_size: int = 32, iterations: int = 3, coord_add: bool = True, alpha: float = 0.0,
-                 final_lambda: float = 0.01, variance_floor: float = 1e-4, estep_temperature: float = 1.0,
-                 class_lambda_scale: float = 1.0, beta_a_scale: float = 1.0, init: str = "gritzman",
-                 routing_checkpoint: bool = False):
+                 input_size: int = 32, routing: RoutingSettings = PAPER, coord_add: bool = True,
+                 init: str = "gritzman", routing_checkpoint: bool = False):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}: choose one of {INITS}")
-
-        def routing_options(lam: float) -> RoutingOptions:
-            return RoutingOptions(iterations, lam, alpha, variance_floor, checkpoint=routing_checkpoint,
-                                  estep_temperature=estep_temperature, beta_a_scale=beta_a_scale)
-
-        routing = routing_options(final_lambda)
+        class_routing = dataclasses.replace(routing, final_lambda=routing.final_lambda * routing.class_lambda_scale,
+                                            class_lambda_scale=1.0)
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2)
         self.primary_caps = PrimaryCaps(A, B)
-        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing)
-        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing)
-        self.class_caps = ClassCaps(D, num_classes, routing=routing_options(final_lambda * class_lambda_scale),
-                                    coord_add=coord_add)
+        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing, checkpoint=routing_checkpoint)
+        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing, checkpoint=routing_checkpoint)
+        self.class_caps = ClassCaps(D, num_classes, routing=class_routing, coord_add=coord_add,
+                                    checkpoint=routing_checkpoint)
         if init == "authors":
             self._init_as_authors()
         # Receptive-field centre of a position j in input pixels is a * j + b; start from pixel centres.

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from capsdist.model.routing import P, RoutingResult, normalise_over_parents, route, routing_dtype
+from capsdist.model.routing import P, RoutingResult, RoutingSettings, normalise_over_parents, route, routing_dtype
 
 # 4x4 transforms, initialised as in Gritzman's code: a vote is about twice its pose in scale, which offsets the
 # shrinking of poses by routing's weighted means, so log sigma stays level with depth and class activations
@@ -52,66 +52,44 @@ def activation_stats(a: torch.Tensor) -> dict[str, torch.Tensor]:
             "saturated_fraction": (a > SATURATED_ABOVE).float().mean()}
 
 
-class RoutingOptions(nn.Module):
-    """Routing settings shared by the capsule layers (a Module only so it prints with the model)."""
-
-    def __init__(self, iterations: int = 3, final_lambda: float = 0.01, alpha: float = 0.0,
-                 variance_floor: float = 1e-4, checkpoint: bool = False, estep_temperature: float = 1.0,
-                 beta_a_scale: float = 1.0):
-        super().__init__()
-        if iterations < 1:
-            raise ValueError(f"routing iterations must be >= 1, got {iterations}")
-        self.iterations = iterations
-        self.final_lambda = final_lambda
-        self.alpha = alpha
-        self.variance_floor = variance_floor
-        self.checkpoint = checkpoint
-        self.estep_temperature = estep_temperature
-        self.beta_a_scale = beta_a_scale  # routing sees beta_a_scale * beta_a (the learned parameter stays O(1))
-
-    def extra_repr(self) -> str:
-        return (f"iterations={self.iterations}, final_lambda={self.final_lambda}, alpha={self.alpha}, "
-                f"variance_floor={self.variance_floor}, estep_temperature={self.estep_temperature}, "
-                f"beta_a_scale={self.beta_a_scale}, checkpoint={self.checkpoint}")
-
-
 class CapsuleLayer(nn.Module):
     """Base of the routing layers: owns beta_u, beta_a (O,), runs routing, keeps cheap routing statistics.
 
     Subclasses define route_capsules(poses, activations): their votes and routing for a batch of images.
+    `routing` holds the EM settings; with `checkpoint`, images are routed in chunks and recomputed in backward.
     """
 
-    def __init__(self, out_types: int, routing: RoutingOptions):
+    def __init__(self, out_types: int, routing: RoutingSettings, checkpoint: bool = False):
         super().__init__()
         self.out_types = out_types
-        self.routing = routing
+        self.routing, self.checkpoint = routing, checkpoint
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
         self.last_stats: dict[str, torch.Tensor] = {}
 
-    CHECKPOINT_CHUNKS = 3  # with routing.checkpoint, images are routed in this many chunks, one at a time
+    CHECKPOINT_CHUNKS = 3  # with checkpoint, images are routed in this many chunks, one at a time
 
     def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """poses (N, T, 16, H, W), activations (N, T, H, W) -> this layer's poses and activations.
 
-        With routing.checkpoint, the votes and routing of each chunk of images are computed, used and freed,
+        With checkpoint, the votes and routing of each chunk of images are computed, used and freed,
         then recomputed in backward (torch.utils.checkpoint): only one chunk's votes are ever alive, so peak
         memory falls about CHECKPOINT_CHUNKS-fold for about one extra forward. Images route independently,
         so the result is the same as routing the whole batch at once.
         """
-        if not (self.routing.checkpoint and torch.is_grad_enabled()):
+        if not (self.checkpoint and torch.is_grad_enabled()):
             return self.route_capsules(poses, activations)
         size = -(-poses.shape[0] // self.CHECKPOINT_CHUNKS)
         outputs = [checkpoint(self.route_capsules, p, a, use_reentrant=False)
                    for p, a in zip(poses.split(size), activations.split(size))]
         return tuple(torch.cat(parts) for parts in zip(*outputs))
 
+    def extra_repr(self) -> str:
+        return f"{self.routing}, checkpoint={self.checkpoint}"
+
     def _route(self, V: torch.Tensor, a_in: torch.Tensor, log_R0: torch.Tensor, normalise) -> RoutingResult:
         """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult."""
-        opts = self.routing
-        return route(V, a_in, self.beta_u, self.beta_a * opts.beta_a_scale, log_R0, normalise, iterations=opts.iterations,
-                     final_lambda=opts.final_lambda, alpha=opts.alpha, variance_floor=opts.variance_floor,
-                     estep_temperature=opts.estep_temperature)
+        return route(V, a_in, self.beta_u, self.beta_a, log_R0, normalise, self.routing)
 
     def _record(self, a_out: torch.Tensor, images: int, entropy_per_child: torch.Tensor) -> None:
         """Keep detached statistics of the last forward (tensors: read on the host only when logged).
@@ -169,13 +147,14 @@ class ConvCaps(CapsuleLayer):
 
     poses (N, T, 16, H, W), activations (N, T, H, W) -> poses (N, O, 16, H', W'), activations (N, O, H', W'),
     H' = (H - K) // stride + 1. Each parent position is a routing problem with I = K * K * T children.
-    Gritzman's fix 1: a child sits in several windows; the E-step normalises its assignments over every
+    Gritzman's pitfall 3: a child sits in several windows; the E-step normalises its assignments over every
     parent of every window that holds it (a fold of the per-window sums back onto the child grid), and the
     initial assignments are uniform over that whole set.
     """
 
-    def __init__(self, in_types: int, out_types: int, kernel: int, stride: int, routing: RoutingOptions):
-        super().__init__(out_types, routing)
+    def __init__(self, in_types: int, out_types: int, kernel: int, stride: int, routing: RoutingSettings,
+                 checkpoint: bool = False):
+        super().__init__(out_types, routing, checkpoint)
         self.in_types, self.kernel, self.stride = in_types, kernel, stride
         self.weight = nn.Parameter(torch.randn(kernel * kernel, in_types, out_types, 4, 4) * WEIGHT_STD)
 
@@ -245,7 +224,7 @@ class ConvCaps(CapsuleLayer):
         log_R0 = self._to_routing(uniform).unsqueeze(1).expand(-1, o, -1)  # (N', O, I): 1 / (O * windows)
 
         def normalise(log_p: torch.Tensor) -> torch.Tensor:
-            """Fix 1: log_p (N', O, I) -> log R, normalised over all parents at all positions of each child."""
+            """Pitfall 3: log_p (N', O, I) -> log R, normalised over all parents at all positions of each child."""
             per_window = torch.logsumexp(log_p, dim=1, keepdim=True)  # (N', 1, I)
             windows = self._from_routing(per_window, n, 1)  # (N, T, KK, L)
             with torch.no_grad():
@@ -277,8 +256,9 @@ class ClassCaps(CapsuleLayer):
     scales it to [0, 1].
     """
 
-    def __init__(self, in_types: int, classes: int, routing: RoutingOptions, coord_add: bool = True):
-        super().__init__(classes, routing)
+    def __init__(self, in_types: int, classes: int, routing: RoutingSettings, coord_add: bool = True,
+                 checkpoint: bool = False):
+        super().__init__(classes, routing, checkpoint)
         self.in_types, self.coord_add = in_types, coord_add
         self.weight = nn.Parameter(torch.randn(in_types, classes, 4, 4) * WEIGHT_STD)
         self.centre_scale = (1.0, 0.5)  # receptive-field centre = scale * index + offset, in input pixels
