@@ -1,8 +1,11 @@
-"""Speed and memory benchmark of CapsNet: full training steps and inference on synthetic input.
+"""Speed and memory of a model's training and inference steps on synthetic input, in one process.
 
-A training step is forward, spread loss, backward and an Adam step, exactly as the trainer does it (autocast
-for mixed precision, a GradScaler for fp16). Timings start after `warmup` steps, so torch.compile's
-compilation is excluded, and synchronise the GPU. Peak memory is torch.cuda.max_memory_allocated on CUDA and
+A training step here is the model's share of the trainer's step: forward, spread loss, backward and an Adam
+step, with autocast for mixed precision and a GradScaler for fp16 as Accelerate sets them up. It leaves out
+what the trainer adds around the model: Accelerate's wrappers (DDP across processes), the step's one
+all-reduce, the learning-rate update, the health statistics and the logging, so on one process it is an
+upper bound of the trainer's speed, and across processes it does not measure communication. Timings start
+after `warmup` steps, so torch.compile's compilation is excluded, and synchronise the GPU. Peak memory is torch.cuda.max_memory_allocated on CUDA and
 the process's peak resident set size on CPU (with the resident size before the first step, so the growth per
 training image can be read off).
 """
@@ -19,8 +22,7 @@ import time
 import torch
 
 from capsdist.config import Config
-from capsdist.data.sources import DATASETS
-from capsdist.data.transforms import model_input_shape
+from capsdist.data import DATASETS, input_shape
 from capsdist.errors import ConfigError
 from capsdist.loss import spread_loss
 from capsdist.model import build_model
@@ -45,15 +47,9 @@ class BenchSettings:
     def from_config(cls, cfg: Config, *, batch_size=None, steps=10, warmup=3, compile=False, mixed_precision=None,
                     device=None, in_channels=None, input_size=None, classes=None) -> "BenchSettings":
         """Settings from a run config; every keyword that is not None overrides the config's value."""
-        name = cfg.data.dataset.removesuffix("-mini")
-        if name not in DATASETS and None in (in_channels, input_size, classes):
-            raise ConfigError(f"data.dataset: no known input shape for {cfg.data.dataset!r}: "
-                              "pass --in-channels, --input-size and --classes")
-        channels = size = n_classes = None
-        if name in DATASETS:  # the model input the data pipeline would give
-            spec = DATASETS[name]
-            channels, size, _ = model_input_shape(name, (len(spec.views), *spec.image_size), cfg.data.channels)
-            n_classes = len(spec.classes)
+        spec = DATASETS[cfg.data.dataset]  # the config checked the name; the input the pipeline would give:
+        channels, size, _ = input_shape(spec.name, (len(spec.views), *spec.image_size), cfg.data.channels)
+        n_classes = len(spec.classes)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is visible to PyTorch")

@@ -19,8 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from capsdist.data.pipeline import DataOptions
-from capsdist.data.sources import DATASETS
+from capsdist.data import DATASETS, DataOptions
 from capsdist.errors import ConfigError
 from capsdist.files import write_atomic
 from capsdist.loss import LOSSES, MARGIN_SCHEDULES

@@ -1,9 +1,9 @@
-"""Benchmark CapsNet training and inference speed on synthetic input of a config's shape.
+"""Benchmark a model's training and inference steps on synthetic input of a config's shape (capsdist.bench).
 
     python launch/bench.py --config configs/full.yaml --batch-size 8 --steps 10 [--compile]
         [--mixed-precision bf16|fp16|no] [--device cpu|cuda] [--in-channels 1] [--set model.iterations=2]
 
-Prints one JSON line (see capsdist.bench.BenchResult for the fields).
+Prints one JSON line: the dict that capsdist.bench.run_benchmark returns.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import sys
 
 from capsdist.bench import BenchSettings, run_benchmark
-from capsdist.cli import add_set_option
+from capsdist.cli import add_set_option, setup_process
 from capsdist.config import load_config
 from capsdist.errors import run_cli
 
@@ -46,4 +46,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_process()
     sys.exit(main())

@@ -13,8 +13,8 @@ import json
 import sys
 import time
 
-from capsdist.cli import add_set_option
-from capsdist.data.pipeline import DataOptions, eval_loader, load_manifest, train_loader
+from capsdist.cli import add_set_option, setup_process
+from capsdist.data import DataOptions, eval_loader, load_manifest, train_loader
 from capsdist.errors import run_cli
 
 
@@ -22,7 +22,7 @@ def options(args) -> tuple[DataOptions, int]:
     """DataOptions and batch size from --config (+ overrides) or from the plain flags."""
     if args.config:
         from capsdist.config import load_config
-        from capsdist.train.setup import data_options
+        from capsdist.run import data_options
 
         cfg = load_config(args.config, args.overrides)
         opts = data_options(cfg)
@@ -76,4 +76,5 @@ def main(argv=None) -> int:
     return run_cli(body)
 
 if __name__ == "__main__":
+    setup_process()
     sys.exit(main())

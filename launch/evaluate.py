@@ -11,7 +11,7 @@ the numbers are exactly those of one process (each sample is counted once).
 import argparse
 import sys
 
-from capsdist.cli import add_set_option
+from capsdist.cli import add_set_option, setup_process
 from capsdist.errors import run_cli
 
 
@@ -32,4 +32,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_process()
     sys.exit(main())

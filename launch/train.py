@@ -13,7 +13,7 @@ A capsdist error (bad config, missing data, unusable checkpoint) prints its mess
 import argparse
 import sys
 
-from capsdist.cli import add_set_option
+from capsdist.cli import add_set_option, setup_process
 from capsdist.config import load_config
 from capsdist.errors import run_cli
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body():
         cfg = load_config(args.config, overrides)
-        from capsdist.train.trainer import Trainer  # after the config is known good: heavy imports
+        from capsdist.train.trainer import Trainer  # after the config is known good: accelerate, wandb
 
         Trainer(cfg, source=args.config, resume=args.resume).fit()
 
@@ -45,4 +45,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    setup_process()
     sys.exit(main())

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from capsdist.errors import CheckpointError
 from capsdist.train import checkpoint, trainer
@@ -136,6 +137,49 @@ def test_resume_auto_falls_back_and_an_explicit_bad_path_fails(run_dir):
     assert [p.name for p in checkpoint.step_checkpoints(run_dir)] == ["step-0000006", "step-0000008"]  # a new 6
     (abandoned,) = (run_dir / "checkpoints").glob("abandoned-*")
     assert checkpoint.verify(abandoned / "step-0000006") is not None  # the damaged one, kept for a post-mortem
+
+
+def _as_format_2(ckpt: Path) -> None:
+    """Rewrite a checkpoint as capsdist wrote it before the learning rate became a function of the step: format 2,
+    whose trainer_state.json also holds the LambdaLR's state dict."""
+    state_file = ckpt / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    step = state["train"]["step"]
+    state["train"]["version"] = 2
+    state["scheduler"] = {"base_lrs": [0.003], "last_epoch": step, "_step_count": step + 1, "_last_lr": [0.003],
+                          "_get_lr_called_within_step": False, "lr_lambdas": [None]}
+    state_file.write_text(json.dumps(state))
+    meta = json.loads((ckpt / checkpoint.META).read_text())
+    (ckpt / checkpoint.META).write_text(json.dumps({**meta, "format": 2}))
+    _rehash(ckpt)
+
+
+def test_a_format_2_checkpoint_resumes_exactly_like_the_current_format(run_dir, tmp_path):
+    """Checkpoints from before format 3 resume: their scheduler state is ignored, the learning rate follows from
+    the step, and the run continues exactly as from the same checkpoint in the current format."""
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    config = old / "config.yaml"
+    config.write_text(config.read_text().replace(str(run_dir), str(old)))
+    _as_format_2(old / "checkpoints" / "step-0000006")
+    assert checkpoint.verify(old / "checkpoints" / "step-0000006") is None
+    for folder in (run_dir, old):
+        done = run(train_command(folder / "config.yaml", "--resume", "auto", "--max-steps", "8"))
+        assert done.returncode == 0, done.stderr[-3000:]
+    steps = [{m["step"]: (m["train/loss"], m["lr"]) for m in metrics(folder) if "train/loss" in m}
+             for folder in (run_dir, old)]
+    assert steps[0] == steps[1] and {7, 8} <= set(steps[0])
+    new_weights, old_weights = (checkpoint.read_weights(f / "checkpoints" / "step-0000008") for f in (run_dir, old))
+    assert all(torch.equal(new_weights[k], old_weights[k]) for k in new_weights)
+    assert json.loads((old / "checkpoints" / "step-0000008" / checkpoint.META).read_text())["format"] == 3
+
+
+def test_a_checkpoint_of_an_unknown_format_is_refused_with_the_reason(run_dir):
+    newest = run_dir / "checkpoints" / "step-0000006"
+    meta = json.loads((newest / checkpoint.META).read_text())
+    (newest / checkpoint.META).write_text(json.dumps({**meta, "format": 1}))
+    with pytest.raises(CheckpointError, match=r"checkpoint.json is of format 1, not one of \(2, 3\)"):
+        checkpoint.resolve(run_dir, str(newest))
 
 
 def test_rollback_moves_the_newer_checkpoints_aside(tiny_config, tmp_path):

@@ -2,11 +2,12 @@
 
 import importlib.util
 import json
+import subprocess
 import sys
 
 import yaml
 
-from train_helpers import REPO, TRAIN, run, train_command
+from train_helpers import REPO, TRAIN, run, run_env, train_command
 
 
 def _script(name: str):
@@ -40,3 +41,20 @@ def test_bench_and_bench_data_take_repeated_set(tiny_config, capsys):
                                   "--set", "train.mixed_precision=bf16"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert (out["batch_size"], out["routing_iterations"], out["mixed_precision"]) == (2, 2, "bf16")
+
+
+def test_importing_capsdist_changes_nothing_in_the_process():
+    """No environment variable and no logging handler comes from importing the package and its modules: the
+    launch scripts set those up (capsdist.cli.setup_process)."""
+    probe = (
+        "import logging, os\n"
+        "before, handlers = dict(os.environ), list(logging.getLogger().handlers)\n"
+        "import capsdist, capsdist.config, capsdist.run, capsdist.evaluate, capsdist.bench, capsdist.train.trainer\n"
+        "changed = sorted(k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k))\n"
+        "assert not changed, changed\n"
+        "assert logging.getLogger().handlers == handlers, logging.getLogger().handlers\n"
+    )
+    env = {k: v for k, v in run_env().items() if k != "THP_MEM_ALLOC_ENABLE"}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, env=env,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr

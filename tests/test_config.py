@@ -94,7 +94,7 @@ def test_learning_rate_schedules_are_functions_of_the_global_step():
     import math
 
     from capsdist.config import OptimConfig
-    from capsdist.train.setup import lr_factor
+    from capsdist.train.optim import lr_factor
 
     paper = OptimConfig(schedule="exponential", lr_decay_rate=0.96, lr_decay_steps=20000)
     assert lr_factor(0, paper, 100) == 1.0

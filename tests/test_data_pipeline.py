@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from capsdist.data import shards
-from capsdist.data.pipeline import (DataOptions, eval_loader, input_shape, load_manifest, steps_per_epoch,
-                                    train_loader)
+from capsdist.data import DataOptions, eval_loader, input_shape, load_manifest, steps_per_epoch, train_loader
 from capsdist.data.plan import TRAIN_AZIMUTHS, TRAIN_ELEVATIONS
 from capsdist.data.transforms import standardize
 from capsdist.errors import ConfigError, DataError
@@ -251,10 +250,10 @@ def test_loaders_pickle_for_spawned_workers(norb):
 def test_transforms_match_the_paper(norb):
     path, raw = norb
     manifest = load_manifest(path)
-    assert input_shape(manifest, opts(path)) == (2, 32, 32)
-    assert input_shape(manifest, opts(path, channels="left")) == (1, 32, 32)
+    assert input_shape(manifest.dataset, manifest.image_shape, "both") == (2, 32, 32)
+    assert input_shape(manifest.dataset, manifest.image_shape, "left") == (1, 32, 32)
     with pytest.raises(ConfigError, match="channels 'right'"):
-        input_shape(manifest, opts(path, channels="right"))
+        input_shape(manifest.dataset, manifest.image_shape, "right")
     batch = next(iter(eval_loader(manifest, opts(path), "test", rank=0, world_size=1, per_rank_batch=2)))
     src = src_of(path, manifest, "test", int(batch.index[0]))
     views = torch.from_numpy(raw["test"]["images"][src]).float() / 255

@@ -18,9 +18,9 @@ import pytest
 
 from capsdist.config import load_config
 from capsdist.data.shards import png
-from capsdist.data.pipeline import DataOptions, eval_loader, load_manifest
+from capsdist.data import DataOptions, eval_loader, load_manifest
 from capsdist.errors import DataError
-from capsdist.train.setup import data_options, load_data
+from capsdist.run import data_options, load_data
 from test_data_formats import prepare_idx_shards
 
 N_TRAIN, N_TEST = 40, 20

@@ -8,14 +8,12 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
 from capsdist.config import load_config
 from capsdist.data import shards, sources
 from capsdist.errors import ConfigError, DataError
-from capsdist.train.setup import data_options, load_data
 from test_data_formats import make_idx_source, make_norb_source, trust
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +49,8 @@ def test_out_pointing_at_a_file_is_a_data_error(tmp_path):
 
 @pytest.mark.parametrize("prepare", ["auto", "never"])
 def test_an_unknown_dataset_names_the_known_ones(tmp_path, prepare):
-    cfg = load_config(QUICKSTART, ["data.dataset=cifar", f"data.shards={tmp_path / 'absent'}",
-                                   f"data.prepare={prepare}"])
-    rank0 = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     with pytest.raises(ConfigError) as err:
-        load_data(cfg, rank0, data_options(cfg))
+        load_config(QUICKSTART, ["data.dataset=cifar", f"data.shards={tmp_path / 'absent'}", f"data.prepare={prepare}"])
     assert "data.dataset: unknown dataset 'cifar'; known: smallnorb, fashion-mnist, mnist" in str(err.value)
     assert "prepare_data.py cifar" not in str(err.value)
     assert not (tmp_path / "absent").exists()

@@ -7,6 +7,8 @@ written by the tests themselves (IDX files, then shards), so nothing outside the
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -96,12 +98,12 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
 
 
 def weights(checkpoint: Path) -> dict:
-    from safetensors.torch import load_file
+    from capsdist.train.checkpoint import read_weights
 
-    return load_file(Path(checkpoint) / "model.safetensors")
+    return read_weights(Path(checkpoint))
 
 
 def train_state(checkpoint: Path) -> dict:
     from capsdist.train.checkpoint import read_state
 
-    return read_state(Path(checkpoint))["train"]
+    return dataclasses.asdict(read_state(Path(checkpoint)))

@@ -39,12 +39,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset import gopen
 
 from capsdist.data import plan as plans
-from capsdist.data.manifest import Manifest, load_manifest
-from capsdist.data.transforms import SampleTransform, input_shape as _input_shape
-from capsdist.errors import ConfigError, DataError
+from capsdist.data.manifest import Manifest
+from capsdist.data.transforms import SampleTransform, input_shape
+from capsdist.errors import DataError
 
-__all__ = ["DataOptions", "Batch", "load_manifest", "input_shape", "steps_per_epoch", "train_loader",
-           "eval_loader", "EpochLoader"]
 log = logging.getLogger(__name__)
 _TAG_SHUFFLE = 0x5348
 
@@ -69,13 +67,6 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # int64 (B,); -1 on padding rows
     index: torch.Tensor  # int64 (B,) stable index of the sample within its split; -1 marks padding rows (eval only)
     skipped: int  # corrupt samples skipped (skip mode) since the previous batch of the same worker
-
-
-def input_shape(manifest: Manifest, opts: DataOptions) -> tuple[int, int, int]:
-    """(C, H, W) of the model input; the number of classes is len(manifest.classes)."""
-    if opts.channels not in ("both", "left"):
-        raise ConfigError(f"channels {opts.channels!r}: expected both or left")
-    return _input_shape(manifest, opts.channels)
 
 
 def _select(manifest: Manifest, opts: DataOptions, role: str) -> tuple[str, np.ndarray]:
@@ -103,7 +94,7 @@ def train_loader(manifest: Manifest, opts: DataOptions, *, epoch: int, rank: int
                                 pad_crop=opts.pad_crop, seed=opts.seed, epoch=epoch)
     stream = _Stream(manifest, split, worker_plans, transform, batch=per_rank_batch, train=True,
                      shuffle=(opts.seed, epoch, rank, opts.shuffle_buffer), skip_corrupt=opts.skip_corrupt,
-                     start_batch=start_batch, shape=input_shape(manifest, opts))
+                     start_batch=start_batch, shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels))
     total = sum(p.num_batches for p in worker_plans)
     if not 0 <= start_batch <= total:
         raise DataError(f"start_batch {start_batch} outside the epoch's 0..{total} batches")
@@ -129,7 +120,7 @@ def eval_loader(manifest: Manifest, opts: DataOptions, split: str, *, rank: int,
                                 pad_crop=0, seed=opts.seed, epoch=0)
     stream = _Stream(manifest, source, worker_plans, transform, batch=per_rank_batch, train=False,
                      shuffle=None, skip_corrupt=opts.skip_corrupt, start_batch=0,
-                     shape=input_shape(manifest, opts))
+                     shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels))
     total = sum(p.num_batches for p in worker_plans)
     return EpochLoader(stream, opts.num_workers, total, f"{split} rank {rank}")
 

@@ -19,23 +19,22 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from capsdist.data.manifest import Manifest
+from capsdist.errors import ConfigError
 
 NORB_RESIZE, NORB_CROP = 48, 32
 MAX_BRIGHTNESS_DELTA = 0.4
 CONTRAST_RANGE = (0.0, 3.0)
 _TAG_AUGMENT = 0x415547
-
-def input_shape(manifest: Manifest, channels: str) -> tuple[int, int, int]:
-    """(C, H, W) of the model input after the transforms."""
-    return model_input_shape(manifest.dataset, manifest.image_shape, channels)
+CHANNELS = ("both", "left")  # smallNORB: both stereo views as channels, or the left one
 
 
-def model_input_shape(dataset: str, stored_shape, channels: str) -> tuple[int, int, int]:
-    """(C, H, W) of the model input for samples stored as (views, H, W) of `dataset`."""
+def input_shape(dataset: str, image_shape, channels: str) -> tuple[int, int, int]:
+    """(C, H, W) of the model input for samples of `dataset` stored as image_shape (views, H, W)."""
+    if channels not in CHANNELS:
+        raise ConfigError(f"channels {channels!r}: expected {' or '.join(CHANNELS)}")
     if dataset == "smallnorb":
         return (1 if channels == "left" else 2, NORB_CROP, NORB_CROP)
-    return tuple(stored_shape)
+    return tuple(image_shape)
 
 
 def standardize(x: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,13 @@ A checkpoint is a directory run_dir/checkpoints/step-0000500/:
     optimizer.bin           optimizer state (Accelerate; tensors and numbers, loaded with weights_only=True)
     scaler.pt               fp16 gradient scaler (Accelerate; weights_only=True), only with fp16
     random_states_<r>.pkl   RNG states of rank r (Accelerate; weights_only=True)
-    trainer_state.json      capsdist's own state: TrainState (step, epoch, data position, best metric, ...)
-                            and the LR scheduler's state dict, as JSON
+    trainer_state.json      capsdist's own state: TrainState (step, epoch, data position, best metric, ...), JSON
     checkpoint.json         written last: format, world size, and the size and sha256 of every file above
+
+This module is the only one that knows these names: the rest of capsdist saves and loads through `save`,
+`load`, `read_state` and `read_weights`. The learning rate is a function of the step (train/optim.py), so no
+scheduler state is saved. Format 2 also held a LambdaLR's state dict: such checkpoints still load (the
+learning rate follows from their step), format 3 drops it.
 
 Files are data: nothing in a checkpoint is unpickled into arbitrary objects (a crafted file is refused,
 CheckpointError), and every file is checked against checkpoint.json before anything is loaded.
@@ -40,16 +44,19 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from accelerate.utils import load as safe_load
+from safetensors.torch import load_file as safetensors_load_file
 
 from capsdist.errors import CheckpointError, TrainingError
 from capsdist.files import copy_durable, fsync_dir, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+READABLE_VERSIONS = (2, 3)  # 2: trainer_state.json also held the LambdaLR's state, now ignored
 META = "checkpoint.json"
+WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "trainer_state.json"
-REQUIRED_FILES = ("model.safetensors", "optimizer.bin", STATE_FILE)  # plus random_states_<r>.pkl per rank
+REQUIRED_FILES = (WEIGHTS_FILE, "optimizer.bin", STATE_FILE)  # plus random_states_<r>.pkl per rank
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 _LEFTOVER = re.compile(r"^\.(trash|old|tmp)-")  # renamed aside, or cut short by a kill
 
@@ -74,9 +81,9 @@ class TrainState:
         return {"version": STATE_VERSION, **dataclasses.asdict(self)}
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
+        if state.get("version") not in READABLE_VERSIONS:
             raise CheckpointError(
-                f"checkpoint state version {state.get('version')} is not {STATE_VERSION}; "
+                f"checkpoint state version {state.get('version')} is not one of {READABLE_VERSIONS}; "
                 "this checkpoint was written by another capsdist version: start a new run directory"
             )
         for f in dataclasses.fields(self):
@@ -116,8 +123,8 @@ def verify(path: Path) -> str | None:
     try:
         meta = json.loads((path / META).read_text())
         files, world = meta["files"], meta["world_size"]
-        if meta.get("format") != STATE_VERSION or not isinstance(files, dict) or not isinstance(world, int):
-            return f"{META} is of another format than {STATE_VERSION}"
+        if meta.get("format") not in READABLE_VERSIONS or not isinstance(files, dict) or not isinstance(world, int):
+            return f"{META} is of format {meta.get('format')!r}, not one of {READABLE_VERSIONS}"
         required = [*REQUIRED_FILES, *(f"random_states_{r}.pkl" for r in range(world))]
         for name in required:
             if name not in files:
@@ -164,15 +171,23 @@ def resolve(run_dir: str | Path, which: str) -> Path:
     return path
 
 
-def read_state(path: Path) -> dict:
-    """trainer_state.json of a verified checkpoint: {"train": TrainState dict, "scheduler": state dict}."""
+def read_state(path: Path) -> TrainState:
+    """The TrainState of a verified checkpoint (trainer_state.json: {"train": TrainState dict}; format 2 also
+    has a "scheduler" entry, ignored)."""
     try:
-        state = json.loads((path / STATE_FILE).read_text())
-        if not isinstance(state.get("train"), dict) or not isinstance(state.get("scheduler"), dict):
-            raise ValueError("expected the keys train and scheduler")
-        return state
+        saved = json.loads((path / STATE_FILE).read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
+            raise ValueError("expected the key train")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable ({err})") from None
+    state = TrainState()
+    state.load_state_dict(saved["train"])
+    return state
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The model's state dict from a verified checkpoint (safetensors: plain tensors, no code)."""
+    return safetensors_load_file(path / WEIGHTS_FILE)
 
 
 def assert_finite(model: torch.nn.Module) -> None:
@@ -185,7 +200,7 @@ def assert_finite(model: torch.nn.Module) -> None:
             )
 
 
-def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, scheduler, keep_last: int) -> Path:
+def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, keep_last: int) -> Path:
     """Write step-<state.step> atomically on all ranks; rank 0 prunes to the newest `keep_last`."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{state.step:07d}"
@@ -196,7 +211,7 @@ def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, sched
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict(), "scheduler": scheduler.state_dict()}))
+        (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict()}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p, fsync=True)}
@@ -235,7 +250,7 @@ def abandon_newer(accelerator: Accelerator, run_dir: str | Path, state: TrainSta
         newer = [path for step, path in step_dirs(run_dir) if step > state.step]
         best = root / "best"
         _recover(best)
-        if best.is_dir() and (verify(best) is not None or read_state(best)["train"]["step"] > state.step):
+        if best.is_dir() and (verify(best) is not None or read_state(best).step > state.step):
             newer.append(best)
         if newer:
             target = root / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -295,19 +310,17 @@ def _clear_leftovers(root: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def load(accelerator: Accelerator, path: Path, state: TrainState, scheduler) -> None:
-    """Restore everything from the verified checkpoint `path` (model, optimizer, scaler, counters, LR
-    scheduler, this rank's RNG). Pickled objects are refused: Accelerate loads with weights_only=True.
+def load(accelerator: Accelerator, path: Path) -> TrainState:
+    """Restore the model, optimizer, scaler and this rank's RNG from the verified checkpoint `path`, and return
+    its counters. Pickled objects are refused: Accelerate loads with weights_only=True.
 
     Accelerate only logs at INFO when RNG states fail to load, so this checks them itself: with the
     same world size a missing or unrestored RNG state is an error; with another world size the
     data position still resumes at the same global sample count and RNG streams start afresh.
     """
-    saved = read_state(path)
-    state.load_state_dict(saved["train"])
+    state = read_state(path)
     try:
         accelerator.load_state(str(path))
-        scheduler.load_state_dict(saved["scheduler"])
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused to load: a file holds pickled objects, not plain tensors and "
                               f"numbers, so loading it could run code ({str(err).splitlines()[0]}); "
@@ -320,10 +333,11 @@ def load(accelerator: Accelerator, path: Path, state: TrainState, scheduler) -> 
         if same_world:
             raise CheckpointError(f"{rng_file}: RNG state of rank {accelerator.process_index} is missing")
         log.warning("%s: no RNG state for this rank (world size changed); RNG starts afresh", path)
-        return
+        return state
     try:
         restored = torch.equal(safe_load(rng_file)["torch_manual_seed"], torch.get_rng_state())
     except (pickle.UnpicklingError, RuntimeError, KeyError) as err:
         raise CheckpointError(f"{rng_file}: not a plain RNG state ({str(err).splitlines()[0]})") from None
     if not restored:
         raise CheckpointError(f"{rng_file}: RNG state was not restored")
+    return state

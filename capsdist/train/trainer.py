@@ -25,14 +25,15 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from capsdist.config import Config, config_dict, save_config
-from capsdist.data.pipeline import eval_loader, steps_per_epoch, train_loader
+from capsdist.data import eval_loader, steps_per_epoch, train_loader
 from capsdist.errors import CheckpointError, ConfigError, TrainingError
-from capsdist.evaluate import evaluate
 from capsdist.loss import make_loss
+from capsdist.run import data_options, load_data, make_accelerator, model_for_data
 from capsdist.train import checkpoint
 from capsdist.train.checkpoint import TrainState
+from capsdist.train.evaluation import evaluate
 from capsdist.train.health import ClassHealthMonitor, grad_norms
-from capsdist.train.setup import build_model, build_optimizer, data_options, load_data, make_accelerator
+from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
 from capsdist.train.tracking import Tracker, wandb_settings
 
 log = logging.getLogger("capsdist")
@@ -47,7 +48,6 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         wandb_kwargs = wandb_settings(cfg, self.run_dir, is_main=_is_main_env())
         self.accelerator = acc = make_accelerator(cfg, log_with="wandb" if wandb_kwargs else None)
-        logging.basicConfig(level=logging.WARNING, format=f"[rank {acc.process_index}] %(levelname)s %(name)s: %(message)s")
         log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
         self.world = acc.num_processes
         if cfg.train.batch_size % self.world:
@@ -67,16 +67,14 @@ class Trainer:
         self.manifest = load_data(cfg, acc, self.opts)
         self.classes = list(self.manifest.classes)
         self.steps_per_epoch = steps_per_epoch(self.manifest, self.opts, cfg.train.batch_size)
-        epochs_steps = cfg.train.epochs * self.steps_per_epoch
-        self.total_steps = min(cfg.train.max_steps, epochs_steps) if cfg.train.max_steps else epochs_steps
+        # The learning-rate schedule spans train.epochs: train.max_steps stops a run early without bending its
+        # curve, so a run stopped that way resumes on the same schedule as one that never stopped.
+        self.schedule_steps = cfg.train.epochs * self.steps_per_epoch
+        self.total_steps = min(cfg.train.max_steps, self.schedule_steps) if cfg.train.max_steps else self.schedule_steps
 
         set_seed(cfg.train.seed)
-        model = build_model(cfg, self.manifest, self.opts)
-        # The schedule spans train.epochs: train.max_steps stops a run early without bending its curve, so a run
-        # stopped that way resumes on the same schedule as one that never stopped.
-        optimizer, self.scheduler = build_optimizer(cfg, model, epochs_steps)
-        # The scheduler is not prepared: Accelerate would step it once per process per step.
-        self.model, self.optimizer = acc.prepare(model, optimizer)
+        model = model_for_data(cfg, self.manifest, self.opts)
+        self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg.optim, model))
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
         self.loss_fn = make_loss(cfg.loss.name, margin_schedule=cfg.loss.margin_schedule,
                                  max_margin_steps=cfg.loss.max_margin_steps)
@@ -106,7 +104,7 @@ class Trainer:
         return checkpoint.resolve(self.run_dir, resume)
 
     def _restore(self) -> None:
-        checkpoint.load(self.accelerator, self.resume_from, self.state, self.scheduler)
+        self.state = checkpoint.load(self.accelerator, self.resume_from)
         if self.state.batch_size != self.cfg.train.batch_size:
             raise CheckpointError(f"{self.resume_from}: written with train.batch_size {self.state.batch_size}, "
                                   f"the config says {self.cfg.train.batch_size}; global batch must not change on resume")
@@ -213,7 +211,7 @@ class Trainer:
                               float((acts.argmax(1) == labels).sum()), loss.item() * len(labels) if finite else 0.0,
                               float(batch.skipped)], dtype=torch.float64, device=acc.device)
         nonfinite, stop, correct, loss_sum, skipped = acc.reduce(local, "sum").tolist()  # the step's one collective
-        lr = self.scheduler.get_last_lr()[0]
+        lr = learning_rate(state.step, self.cfg.optim, self.schedule_steps)
         if nonfinite:  # every rank skips backward and update together
             self.optimizer.zero_grad(set_to_none=True)
             state.nonfinite_total += 1
@@ -226,10 +224,10 @@ class Trainer:
                 self._grad_norms = grad_norms(acc.unwrap_model(model))
             if self.cfg.optim.grad_clip > 0:
                 acc.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+            set_learning_rate(self.optimizer, lr)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self._nonfinite_run = 0
-        self.scheduler.step()
         state.step += 1
         state.batch_in_epoch += 1
         state.samples_seen += batch_size
@@ -306,8 +304,7 @@ class Trainer:
         if self._saved_step == self.state.step:
             return path
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
-        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.scheduler,
-                               self.cfg.checkpoint.keep_last)
+        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
         self._saved_step = self.state.step
         return path
 

@@ -1,8 +1,9 @@
-"""Build what a run needs from its Config: data options and manifest, model, optimizer, LR schedule."""
+"""Build what a run needs from its Config, for training, evaluation and the benchmarks: the Accelerator, the data
+options and manifest (prepared on first use), and the model for that data."""
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from datetime import timedelta
 from pathlib import Path
 
@@ -11,12 +12,9 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from capsdist.config import Config
-from capsdist.data.pipeline import DataOptions, input_shape, load_manifest
-from capsdist.data.manifest import is_remote, prepare_command
-from capsdist.data.shards import prepare
-from capsdist.data.sources import DATASETS
-from capsdist.errors import ConfigError, DataError
-from capsdist.model import build_model as model_from_config
+from capsdist.data import DataOptions, input_shape, is_remote, load_manifest, prepare, prepare_command
+from capsdist.errors import DataError
+from capsdist.model import build_model
 
 
 def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
@@ -30,12 +28,10 @@ def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
 
 
 def data_options(cfg: Config) -> DataOptions:
-    """The data pipeline's options from the `data` section (train.seed seeds the data order)."""
-    d = cfg.data
-    return DataOptions(shards=cfg.shards, val_strategy=d.val_strategy, val_fraction=d.val_fraction,
-                       viewpoint=d.viewpoint, channels=d.channels, augment=d.augment, pad_crop=d.pad_crop,
-                       num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-                       skip_corrupt=d.skip_corrupt, seed=cfg.train.seed)
+    """The loaders' options: every DataOptions field from the `data` section, the shards' location resolved
+    (Config.shards) and train.seed, which seeds the data order."""
+    fields = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(DataOptions) if hasattr(cfg.data, f.name)}
+    return DataOptions(**{**fields, "shards": cfg.shards, "seed": cfg.train.seed})
 
 
 def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
@@ -47,9 +43,6 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
     """
     if is_remote(cfg.shards) or (Path(cfg.shards) / "manifest.json").is_file():  # a URL or pipe: is never prepared
         return load_manifest(opts.shards)
-    if cfg.data.dataset not in DATASETS:
-        raise ConfigError(f"data.dataset: unknown dataset {cfg.data.dataset!r}; known: {', '.join(DATASETS)} "
-                          f"(or point data.shards at prepared shards; {cfg.shards} holds no manifest.json)")
     command = prepare_command(cfg.data.dataset, cfg.shards)
     if cfg.data.prepare == "never":
         raise DataError(f"{cfg.shards}: no prepared {cfg.data.dataset} shards (no manifest.json); run `{command}` "
@@ -70,32 +63,9 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
     return load_manifest(opts.shards)
 
 
-def build_model(cfg: Config, manifest, opts: DataOptions) -> torch.nn.Module:
+def model_for_data(cfg: Config, manifest, opts: DataOptions) -> torch.nn.Module:
     """The configured model (a CapsNet or a CNN baseline) for the manifest's input shape and classes."""
-    channels, height, width = input_shape(manifest, opts)
+    channels, height, width = input_shape(manifest.dataset, manifest.image_shape, opts.channels)
     if height != width:
         raise DataError(f"{opts.shards}: the models need square inputs, the data gives {height}x{width}")
-    return model_from_config(cfg.model, in_channels=channels, input_size=height, num_classes=len(manifest.classes))
-
-
-def lr_factor(step: int, optim_cfg, total_steps: int) -> float:
-    """The learning-rate multiplier at a global step: a pure function of the step, so it needs no saved state.
-
-    exponential: lr_decay_rate ** (step / lr_decay_steps) (the paper's; 1 when lr_decay_rate <= 0).
-    cosine: from 1 down to final_lr_ratio at total_steps along half a cosine, then final_lr_ratio.
-    """
-    o = optim_cfg
-    if o.schedule == "cosine":
-        progress = min(max(step, 0) / max(total_steps, 1), 1.0)
-        return o.final_lr_ratio + (1.0 - o.final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return math.pow(o.lr_decay_rate, step / o.lr_decay_steps) if o.lr_decay_rate > 0 else 1.0
-
-
-def build_optimizer(cfg: Config, model: torch.nn.Module, total_steps: int):
-    """Adam or AdamW at optim.lr, and a LambdaLR whose step count is the global step (`lr_factor`);
-    total_steps is the last global step of train.epochs (the cosine schedule ends there)."""
-    o = cfg.optim
-    kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    optimizer = kind(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, o, total_steps))
-    return optimizer, scheduler
+    return build_model(cfg.model, in_channels=channels, input_size=height, num_classes=len(manifest.classes))

@@ -1,0 +1,42 @@
+"""The optimizer, and the learning rate as a pure function of the global step (so it needs no saved state).
+
+As in nanoGPT, the trainer writes `learning_rate(step)` into the optimizer before every update: resuming at a
+step gives the same learning rate whatever the run did before, on any number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_factor(step: int, optim_cfg, total_steps: int) -> float:
+    """The learning-rate multiplier at a global step.
+
+    exponential: lr_decay_rate ** (step / lr_decay_steps) (the paper's; 1 when lr_decay_rate <= 0).
+    cosine: from 1 down to final_lr_ratio at total_steps along half a cosine, then final_lr_ratio.
+    """
+    o = optim_cfg
+    if o.schedule == "cosine":
+        progress = min(max(step, 0) / max(total_steps, 1), 1.0)
+        return o.final_lr_ratio + (1.0 - o.final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return math.pow(o.lr_decay_rate, step / o.lr_decay_steps) if o.lr_decay_rate > 0 else 1.0
+
+
+def learning_rate(step: int, optim_cfg, total_steps: int) -> float:
+    """optim.lr times `lr_factor`: the learning rate of the update made at global step `step` (0-based);
+    total_steps is the last global step of train.epochs (the cosine schedule ends there)."""
+    return optim_cfg.lr * lr_factor(step, optim_cfg, total_steps)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Adam or AdamW (optim.name) at optim.lr with optim.weight_decay."""
+    o = optim_cfg
+    kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return kind(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
