@@ -1,13 +1,13 @@
 """Speed and memory of a model's training and inference steps on synthetic input, in one process.
 
-A training step here is the model's share of the trainer's step: forward, spread loss, backward and an Adam
-step, with autocast for mixed precision and a GradScaler for fp16 as Accelerate sets them up. It leaves out
-what the trainer adds around the model: Accelerate's wrappers (DDP across processes), the step's one
-all-reduce, the learning-rate update, the health statistics and the logging, so on one process it is an
-upper bound of the trainer's speed, and across processes it does not measure communication. Timings start
-after `warmup` steps, so torch.compile's compilation is excluded, and synchronise the GPU. Peak memory is torch.cuda.max_memory_allocated on CUDA and
-the process's peak resident set size on CPU (with the resident size before the first step, so the growth per
-training image can be read off).
+A training step here is the model's share of the trainer's step: forward, spread loss, backward and an Adam step,
+with autocast for mixed precision and a GradScaler for fp16 as Accelerate sets them up. It leaves out what the
+trainer adds around the model: Accelerate's wrappers (DDP across processes), the step's one all-reduce, the
+learning-rate update, the health statistics and the logging, so on one process it is an upper bound of the trainer's
+speed, and across processes it does not measure communication. Timings start after `warmup` steps, so
+torch.compile's compilation is excluded, and synchronise the GPU. Peak memory is torch.cuda.max_memory_allocated on
+CUDA and the process's peak resident set size on CPU (with the resident size before the first step, so the growth
+per training image can be read off).
 """
 
 from __future__ import annotations
@@ -44,8 +44,20 @@ class BenchSettings:
     classes: int
 
     @classmethod
-    def from_config(cls, cfg: Config, *, batch_size=None, steps=10, warmup=3, compile=False, mixed_precision=None,
-                    device=None, in_channels=None, input_size=None, classes=None) -> "BenchSettings":
+    def from_config(
+        cls,
+        cfg: Config,
+        *,
+        batch_size=None,
+        steps=10,
+        warmup=3,
+        compile=False,
+        mixed_precision=None,
+        device=None,
+        in_channels=None,
+        input_size=None,
+        classes=None,
+    ) -> "BenchSettings":
         """Settings from a run config; every keyword that is not None overrides the config's value."""
         spec = DATASETS[cfg.data.dataset]  # the config checked the name; the input the pipeline would give:
         channels, size, _ = input_shape(spec.name, (len(spec.views), *spec.image_size), cfg.data.channels)
@@ -55,10 +67,18 @@ class BenchSettings:
             raise ConfigError("--device cuda: no CUDA device is visible to PyTorch")
         if steps < 1 or warmup < 0:
             raise ConfigError("--steps must be >= 1 and --warmup >= 0")
-        return cls(cfg=cfg, batch_size=batch_size or cfg.train.batch_size, steps=steps, warmup=warmup,
-                   compile=compile or cfg.train.compile, mixed_precision=mixed_precision or cfg.train.mixed_precision,
-                   device=device, in_channels=in_channels or channels, input_size=input_size or size,
-                   classes=classes or n_classes)
+        return cls(
+            cfg=cfg,
+            batch_size=batch_size or cfg.train.batch_size,
+            steps=steps,
+            warmup=warmup,
+            compile=compile or cfg.train.compile,
+            mixed_precision=mixed_precision or cfg.train.mixed_precision,
+            device=device,
+            in_channels=in_channels or channels,
+            input_size=input_size or size,
+            classes=classes or n_classes,
+        )
 
 
 def _rss_mb() -> float:
@@ -88,8 +108,9 @@ def run_benchmark(s: BenchSettings) -> dict:
     """Run the benchmark described by `s` and return the result as a flat dict (one JSON line)."""
     torch.manual_seed(s.cfg.train.seed)
     device = torch.device(s.device)
-    model = build_model(s.cfg.model, in_channels=s.in_channels, input_size=s.input_size,
-                        num_classes=s.classes).to(device)
+    model = build_model(s.cfg.model, in_channels=s.in_channels, input_size=s.input_size, num_classes=s.classes).to(
+        device
+    )
     step_model = torch.compile(model) if s.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     images = torch.randn(s.batch_size, s.in_channels, s.input_size, s.input_size, device=device)
@@ -130,7 +151,9 @@ def run_benchmark(s: BenchSettings) -> dict:
         "inference_s_per_step": round(infer_s, 4),
         "peak_memory_mb": round(peak_mb, 1),
         "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "torch": torch.__version__,
         "preset": s.cfg.model.size,
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -9,8 +9,15 @@ import os
 
 def add_set_option(parser: argparse.ArgumentParser) -> None:
     """`--set a.b=1 c.d=2 --set e.f=3`: every value of every --set is kept, in order, in `args.overrides`."""
-    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="overrides",
-                        help="override config keys; repeatable, all apply in order (a later one wins on the same key)")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="overrides",
+        help="override config keys; repeatable, all apply in order (a later one wins on the same key)",
+    )
 
 
 def setup_process() -> None:

@@ -49,12 +49,17 @@ def read_curves(run_dir: str | Path, label: str = "", smooth_steps: int = 50) ->
         items = sorted(series.get(key, {}).items())
         out = []
         for start in range(0, len(items), window):
-            chunk = items[start:start + window]
+            chunk = items[start : start + window]
             out.append((chunk[-1][0] * batch, sum(v for _, v in chunk) / len(chunk)))
         return out
 
-    return Curves(label or run_dir.name, points("train/loss", smooth_steps), points("train/accuracy", smooth_steps),
-                  points("val/accuracy"), points("test/accuracy"))
+    return Curves(
+        label or run_dir.name,
+        points("train/loss", smooth_steps),
+        points("train/accuracy", smooth_steps),
+        points("val/accuracy"),
+        points("test/accuracy"),
+    )
 
 
 def plot_curves(runs: list[Curves], out: str | Path, title: str = "") -> Path:
@@ -68,8 +73,11 @@ def plot_curves(runs: list[Curves], out: str | Path, title: str = "") -> Path:
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
-        for pts, style, alpha, name in ((run.val_accuracy, "-o", 1.0, "val"), (run.test_accuracy, ":s", 1.0, "test"),
-                                        (run.train_accuracy, "-", 0.3, "train")):
+        for pts, style, alpha, name in (
+            (run.val_accuracy, "-o", 1.0, "val"),
+            (run.test_accuracy, ":s", 1.0, "test"),
+            (run.train_accuracy, "-", 0.3, "train"),
+        ):
             if pts:
                 xs, ys = zip(*pts)
                 acc_ax.plot(xs, ys, style, color=color, alpha=alpha, markersize=3, label=f"{run.label} {name}")

@@ -37,12 +37,18 @@ def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test", 
     model = model_for_data(cfg, manifest, opts).to(accelerator.device)
     model.load_state_dict(checkpoint.read_weights(path))
     step = checkpoint.read_state(path).step
-    loss_fn = make_loss(cfg.loss.name, margin_schedule=cfg.loss.margin_schedule,
-                        max_margin_steps=cfg.loss.max_margin_steps)
+    loss_fn = make_loss(
+        cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_steps=cfg.loss.max_margin_steps
+    )
     batch = cfg.eval.batch_size or cfg.train.batch_size
-    loader = eval_loader(manifest, opts, split, rank=accelerator.process_index,
-                         world_size=accelerator.num_processes,
-                         per_rank_batch=max(batch // accelerator.num_processes, 1))
+    loader = eval_loader(
+        manifest,
+        opts,
+        split,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        per_rank_batch=max(batch // accelerator.num_processes, 1),
+    )
     result = evaluate(accelerator, model, loader, loss_fn, step, len(manifest.classes))
     result.pop("misclassified")
     result.update(split=split, checkpoint=str(path), step=step, classes=list(manifest.classes))
@@ -59,9 +65,11 @@ def format_result(result: dict) -> str:
     """Human-readable accuracy, per-class accuracy and confusion matrix."""
     classes = result["classes"]
     width = max(6, *(len(c) for c in classes))
-    lines = [f"{result['split']} accuracy {result['accuracy']:.4f} ({result['count']} samples, "
-             f"loss {result['loss']:.4f}) at step {result['step']} from {result['checkpoint']}",
-             "per-class accuracy:"]
+    lines = [
+        f"{result['split']} accuracy {result['accuracy']:.4f} ({result['count']} samples, "
+        f"loss {result['loss']:.4f}) at step {result['step']} from {result['checkpoint']}",
+        "per-class accuracy:",
+    ]
     lines += [f"  {c:<{width}} {a:.4f}" for c, a in zip(classes, result["per_class_accuracy"])]
     lines.append("confusion matrix (rows: true class, columns: predicted):")
     lines.append(" " * (width + 2) + " ".join(f"{i:>6}" for i in range(len(classes))))

@@ -44,7 +44,8 @@ def spread_loss(activations: torch.Tensor, targets: torch.Tensor, margin: float)
 
 
 def categorical_crossentropy(activations: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the activations normalised to sum 1 (Keras' CategoricalCrossentropy, as in the TensorFlow implementation)."""
+    """Cross-entropy of the activations normalised to sum 1 (Keras' CategoricalCrossentropy, as in the TensorFlow
+    implementation)."""
     a = activations.float().clamp_min(1e-7)
     log_probs = torch.log(a) - torch.log(a.sum(dim=1, keepdim=True))  # (N, K)
     return -log_probs.gather(1, targets.unsqueeze(1)).mean()

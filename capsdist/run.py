@@ -22,9 +22,13 @@ def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     (accelerate launch --multi_gpu / use_cpu config, torchrun) otherwise gives N separate 1-process runs.
     Every collective (all-reduce, barrier, gather) gives up after train.collective_timeout_s."""
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=cfg.train.mixed_precision,
-                       log_with=log_with, dynamo_backend="inductor" if cfg.train.compile else "no",
-                       kwargs_handlers=[timeout])
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=log_with,
+        dynamo_backend="inductor" if cfg.train.compile else "no",
+        kwargs_handlers=[timeout],
+    )
 
 
 def data_options(cfg: Config) -> DataOptions:
@@ -45,16 +49,20 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
         return load_manifest(opts.shards)
     command = prepare_command(cfg.data.dataset, cfg.shards)
     if cfg.data.prepare == "never":
-        raise DataError(f"{cfg.shards}: no prepared {cfg.data.dataset} shards (no manifest.json); run `{command}` "
-                        "(or set data.prepare: auto to prepare them at the start of the run)")
+        raise DataError(
+            f"{cfg.shards}: no prepared {cfg.data.dataset} shards (no manifest.json); run `{command}` "
+            "(or set data.prepare: auto to prepare them at the start of the run)"
+        )
     error = None
     if accelerator.is_main_process:
         print(f"capsdist: no shards at {cfg.shards}: preparing {cfg.data.dataset} there (rank 0)")
         try:
             prepare(cfg.data.dataset, Path(cfg.shards))
         except DataError as err:
-            error = DataError(f"{err}\ncould not prepare {cfg.data.dataset} automatically; run `{command}` "
-                              "(add --source DIR with the raw files when offline), then start the run again")
+            error = DataError(
+                f"{err}\ncould not prepare {cfg.data.dataset} automatically; run `{command}` "
+                "(add --source DIR with the raw files when offline), then start the run again"
+            )
     accelerator.wait_for_everyone()
     if error is not None:
         raise error

@@ -26,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps after warm-up")
     parser.add_argument("--warmup", type=int, default=3, help="untimed warm-up steps (compilation happens here)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
-                        help="autocast dtype (default: the config's train.mixed_precision)")
+    parser.add_argument(
+        "--mixed-precision",
+        choices=["no", "bf16", "fp16"],
+        default=None,
+        help="autocast dtype (default: the config's train.mixed_precision)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda if available")
     parser.add_argument("--in-channels", type=int, default=None, help="override input channels")
     parser.add_argument("--input-size", type=int, default=None, help="override input height and width")
@@ -37,9 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     def body():
         cfg = load_config(args.config, args.overrides)
         settings = BenchSettings.from_config(
-            cfg, batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, compile=args.compile,
-            mixed_precision=args.mixed_precision, device=args.device, in_channels=args.in_channels,
-            input_size=args.input_size, classes=args.classes)
+            cfg,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            warmup=args.warmup,
+            compile=args.compile,
+            mixed_precision=args.mixed_precision,
+            device=args.device,
+            in_channels=args.in_channels,
+            input_size=args.input_size,
+            classes=args.classes,
+        )
         print(json.dumps(run_benchmark(settings)))
 
     return run_cli(body)

@@ -67,13 +67,23 @@ def main(argv=None) -> int:
                 break
         end = time.perf_counter()
         timed = max(n - 1, 0) * batch  # batches after the first
-        print(json.dumps({
-            "dataset": manifest.dataset, "shards": opts.shards, "split": args.split, "batch_size": batch,
-            "workers": opts.num_workers, "timed_batches": max(n - 1, 0),
-            "samples_per_s": round(timed / (end - first), 1) if timed else None, "total_s": round(end - start, 3),
-        }))
+        print(
+            json.dumps(
+                {
+                    "dataset": manifest.dataset,
+                    "shards": opts.shards,
+                    "split": args.split,
+                    "batch_size": batch,
+                    "workers": opts.num_workers,
+                    "timed_batches": max(n - 1, 0),
+                    "samples_per_s": round(timed / (end - first), 1) if timed else None,
+                    "total_s": round(end - start, 3),
+                }
+            )
+        )
 
     return run_cli(body)
+
 
 if __name__ == "__main__":
     setup_process()

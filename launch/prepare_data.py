@@ -19,7 +19,7 @@ from capsdist.errors import run_cli
 
 
 def parse_subset(text: str) -> dict[str, int]:
-    """"train=6000,test=1000" -> {"train": 6000, "test": 1000}."""
+    """ "train=6000,test=1000" -> {"train": 6000, "test": 1000}."""
     try:
         pairs = [item.split("=") for item in text.split(",")]
         return {split.strip(): int(n) for split, n in pairs}
@@ -41,8 +41,15 @@ def main(argv=None) -> int:
         parser.error("--shard-size must be at least 1")
 
     def body():
-        prepare(args.dataset, args.out, source=args.source, shard_size=args.shard_size, subset=args.subset,
-                compress=args.compress, cache=args.cache)
+        prepare(
+            args.dataset,
+            args.out,
+            source=args.source,
+            shard_size=args.shard_size,
+            subset=args.subset,
+            compress=args.compress,
+            cache=args.cache,
+        )
 
     return run_cli(body)
 

@@ -43,14 +43,28 @@ def m_step(R, a_in, V, beta_u, beta_a, lam, scale, variance_floor, mu_prev, alph
 def e_step_logits(V, mu, sigma_sq, a_out, estep_temperature=1.0):
     """log p_ij / T + log a_j, before normalisation (T = 1 in the paper). -> (N', O, I)."""
     diff_sq = (V - mu[:, :, None, :]) ** 2  # (N', O, I, P)
-    log_p = (-(diff_sq / (2.0 * sigma_sq[:, :, None, :])).sum(dim=-1)
-             - 0.5 * torch.log(sigma_sq).sum(dim=-1)[..., None]
-             - 0.5 * P * math.log(2.0 * math.pi))
+    log_p = (
+        -(diff_sq / (2.0 * sigma_sq[:, :, None, :])).sum(dim=-1)
+        - 0.5 * torch.log(sigma_sq).sum(dim=-1)[..., None]
+        - 0.5 * P * math.log(2.0 * math.pi)
+    )
     return log_p / estep_temperature + torch.log(a_out)[..., None]
 
 
-def reference_route(V, a_in, beta_u, beta_a, R0, normalise, *, iterations, final_lambda=0.01, alpha=0.0,
-                    variance_floor=1e-4, estep_temperature=1.0):
+def reference_route(
+    V,
+    a_in,
+    beta_u,
+    beta_a,
+    R0,
+    normalise,
+    *,
+    iterations,
+    final_lambda=0.01,
+    alpha=0.0,
+    variance_floor=1e-4,
+    estep_temperature=1.0,
+):
     """Procedure 1 in the internal layout. R0 (N', O, I) initial assignments (probabilities, not logs);
     normalise maps E-step logits (N', O, I) to R. Returns poses (N', O, P), a_out (N', O), R of the last M-step."""
     n, O, I, _ = V.shape
@@ -59,8 +73,18 @@ def reference_route(V, a_in, beta_u, beta_a, R0, normalise, *, iterations, final
     mu = None
     for t in range(iterations):
         lam = inverse_temperature(t, final_lambda)
-        mu, sigma_sq, a_out = m_step(R, a_in, V, beta_u, beta_a, lam, scale, variance_floor,
-                                     mu if (mu is not None and alpha != 0.0) else None, alpha)
+        mu, sigma_sq, a_out = m_step(
+            R,
+            a_in,
+            V,
+            beta_u,
+            beta_a,
+            lam,
+            scale,
+            variance_floor,
+            mu if (mu is not None and alpha != 0.0) else None,
+            alpha,
+        )
         if t == iterations - 1:
             break
         R = normalise(e_step_logits(V, mu, sigma_sq, a_out, estep_temperature))
@@ -72,15 +96,26 @@ def softmax_over_parents(logits):
     return torch.softmax(logits, dim=1)
 
 
-def reference_em_routing(votes, a_in, beta_u, beta_a, *, iterations, final_lambda=0.01, alpha=0.0,
-                         variance_floor=1e-4, estep_temperature=1.0):
+def reference_em_routing(
+    votes, a_in, beta_u, beta_a, *, iterations, final_lambda=0.01, alpha=0.0, variance_floor=1e-4, estep_temperature=1.0
+):
     """Fully connected routing, public layout: votes (N, I, O, P) -> poses (N, O, P), a_out (N, O)."""
     n, I, O, _ = votes.shape
     V = votes.transpose(1, 2)  # (N, O, I, P)
     R0 = torch.full((n, O, I), 1.0 / O, dtype=votes.dtype)
-    poses, a_out, _ = reference_route(V, a_in, beta_u, beta_a, R0, softmax_over_parents, iterations=iterations,
-                                      final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
-                                      estep_temperature=estep_temperature)
+    poses, a_out, _ = reference_route(
+        V,
+        a_in,
+        beta_u,
+        beta_a,
+        R0,
+        softmax_over_parents,
+        iterations=iterations,
+        final_lambda=final_lambda,
+        alpha=alpha,
+        variance_floor=variance_floor,
+        estep_temperature=estep_temperature,
+    )
     return poses, a_out
 
 
@@ -123,8 +158,21 @@ def reference_conv_votes(poses, weight, kernel, stride):
     return torch.stack(problems)  # (N * L, O, I, P)
 
 
-def reference_conv_caps(poses, activations, weight, beta_u, beta_a, *, kernel, stride, iterations,
-                        final_lambda=0.01, alpha=0.0, variance_floor=1e-4, estep_temperature=1.0):
+def reference_conv_caps(
+    poses,
+    activations,
+    weight,
+    beta_u,
+    beta_a,
+    *,
+    kernel,
+    stride,
+    iterations,
+    final_lambda=0.01,
+    alpha=0.0,
+    variance_floor=1e-4,
+    estep_temperature=1.0,
+):
     """ConvCaps forward: poses (N, T, 16, H, W), activations (N, T, H, W) ->
     poses (N, O, 16, H', W'), activations (N, O, H', W'), R (N * L, O, I) of the last M-step.
 
@@ -145,7 +193,7 @@ def reference_conv_caps(poses, activations, weight, beta_u, beta_a, *, kernel, s
     a_flat = [None] * (n * L * I)
     R0 = torch.zeros(n * L, o, I, dtype=poses.dtype)
     for (b, ti, r, c), ents in entries.items():
-        for (row, col) in ents:
+        for row, col in ents:
             a_flat[row * I + col] = activations[b, ti, r, c]
             R0[row, :, col] = 1.0 / (o * len(ents))
     a_in = torch.stack(a_flat).view(n * L, I)
@@ -158,14 +206,24 @@ def reference_conv_caps(poses, activations, weight, beta_u, beta_a, *, kernel, s
                 continue
             vals = torch.cat([logits[row, :, col] for (row, col) in ents])  # every parent, every window
             lz = torch.logsumexp(vals, dim=0)
-            for (row, col) in ents:
+            for row, col in ents:
                 log_z[row * I + col] = lz
         log_z = torch.stack(log_z).view(n * L, 1, I)
         return torch.exp(logits - log_z)
 
-    mu, a_out, R = reference_route(V, a_in, beta_u, beta_a, R0, normalise, iterations=iterations,
-                                   final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
-                                   estep_temperature=estep_temperature)
+    mu, a_out, R = reference_route(
+        V,
+        a_in,
+        beta_u,
+        beta_a,
+        R0,
+        normalise,
+        iterations=iterations,
+        final_lambda=final_lambda,
+        alpha=alpha,
+        variance_floor=variance_floor,
+        estep_temperature=estep_temperature,
+    )
     poses_out = mu.view(n, ho, wo, o, P).permute(0, 3, 4, 1, 2)
     a_out = a_out.view(n, ho, wo, o).permute(0, 3, 1, 2)
     return poses_out, a_out, R
@@ -201,15 +259,38 @@ def reference_class_votes(poses, weight, *, coord_add, centre_scale=(1.0, 0.5), 
     return torch.stack(images)
 
 
-def reference_class_caps(poses, activations, weight, beta_u, beta_a, *, coord_add, centre_scale=(1.0, 0.5),
-                         input_size=1, iterations, final_lambda=0.01, alpha=0.0, variance_floor=1e-4,
-                         estep_temperature=1.0):
+def reference_class_caps(
+    poses,
+    activations,
+    weight,
+    beta_u,
+    beta_a,
+    *,
+    coord_add,
+    centre_scale=(1.0, 0.5),
+    input_size=1,
+    iterations,
+    final_lambda=0.01,
+    alpha=0.0,
+    variance_floor=1e-4,
+    estep_temperature=1.0,
+):
     """ClassCaps forward: -> class poses (N, O, 16), class activations (N, O), R (N, O, I)."""
     n, t, _, h, w = poses.shape
     o = weight.shape[1]
     V = reference_class_votes(poses, weight, coord_add=coord_add, centre_scale=centre_scale, input_size=input_size)
     a_in = activations.permute(0, 2, 3, 1).reshape(n, h * w * t)  # (row, col, type)
     R0 = torch.full((n, o, h * w * t), 1.0 / o, dtype=poses.dtype)
-    return reference_route(V, a_in, beta_u, beta_a, R0, softmax_over_parents, iterations=iterations,
-                           final_lambda=final_lambda, alpha=alpha, variance_floor=variance_floor,
-                           estep_temperature=estep_temperature)
+    return reference_route(
+        V,
+        a_in,
+        beta_u,
+        beta_a,
+        R0,
+        softmax_over_parents,
+        iterations=iterations,
+        final_lambda=final_lambda,
+        alpha=alpha,
+        variance_floor=variance_floor,
+        estep_temperature=estep_temperature,
+    )

@@ -40,7 +40,7 @@ def run_dir(trained, tmp_path) -> Path:
     """A copy of the trained run, with the config's run_dir pointing at it."""
     copy = tmp_path / "run"
     shutil.copytree(trained, copy)
-    config = (copy / "config.yaml")
+    config = copy / "config.yaml"
     config.write_text(config.read_text().replace(str(trained), str(copy)))
     return copy
 
@@ -84,8 +84,10 @@ def test_a_checkpoint_never_runs_code(run_dir, tmp_path):
     step3 = run_dir / "checkpoints" / "step-0000003"
     (step3 / checkpoint.META).unlink()
     (step3 / "custom_checkpoint_0.pkl").write_bytes(bad)
-    for result in (run(train_command(run_dir / "config.yaml", "--resume", str(step3), "--max-steps", "8")),
-                   _evaluate(run_dir, str(step3))):
+    for result in (
+        run(train_command(run_dir / "config.yaml", "--resume", str(step3), "--max-steps", "8")),
+        _evaluate(run_dir, str(step3)),
+    ):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert "not a usable checkpoint" in result.stderr and "never loaded" in result.stderr
     assert not marker.exists()
@@ -97,15 +99,21 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage, words", [
-    (lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors has 0 bytes"),
-    (lambda c: (c / "optimizer.bin").write_bytes((c / "optimizer.bin").read_bytes()[:100]), "optimizer.bin has 100"),
-    (lambda c: _flip(c / "model.safetensors", 3), "model.safetensors does not match"),  # the header's length
-    (lambda c: _flip(c / "random_states_0.pkl", 200), "random_states_0.pkl does not match"),
-    (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
-    (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
-    (lambda c: (c / checkpoint.META).write_text("{"), "checkpoint.json is unreadable"),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        (lambda c: (c / "model.safetensors").write_bytes(b""), "model.safetensors has 0 bytes"),
+        (
+            lambda c: (c / "optimizer.bin").write_bytes((c / "optimizer.bin").read_bytes()[:100]),
+            "optimizer.bin has 100",
+        ),
+        (lambda c: _flip(c / "model.safetensors", 3), "model.safetensors does not match"),  # the header's length
+        (lambda c: _flip(c / "random_states_0.pkl", 200), "random_states_0.pkl does not match"),
+        (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
+        (lambda c: (c / "trainer_state.json").unlink(), "trainer_state.json is missing"),
+        (lambda c: (c / checkpoint.META).write_text("{"), "checkpoint.json is unreadable"),
+    ],
+)
 def test_a_damaged_checkpoint_is_named_and_skipped(run_dir, damage, words, caplog):
     newest = run_dir / "checkpoints" / "step-0000006"
     damage(newest)
@@ -146,8 +154,14 @@ def _as_format_2(ckpt: Path) -> None:
     state = json.loads(state_file.read_text())
     step = state["train"]["step"]
     state["train"]["version"] = 2
-    state["scheduler"] = {"base_lrs": [0.003], "last_epoch": step, "_step_count": step + 1, "_last_lr": [0.003],
-                          "_get_lr_called_within_step": False, "lr_lambdas": [None]}
+    state["scheduler"] = {
+        "base_lrs": [0.003],
+        "last_epoch": step,
+        "_step_count": step + 1,
+        "_last_lr": [0.003],
+        "_get_lr_called_within_step": False,
+        "lr_lambdas": [None],
+    }
     state_file.write_text(json.dumps(state))
     meta = json.loads((ckpt / checkpoint.META).read_text())
     (ckpt / checkpoint.META).write_text(json.dumps({**meta, "format": 2}))
@@ -166,8 +180,10 @@ def test_a_format_2_checkpoint_resumes_exactly_like_the_current_format(run_dir, 
     for folder in (run_dir, old):
         done = run(train_command(folder / "config.yaml", "--resume", "auto", "--max-steps", "8"))
         assert done.returncode == 0, done.stderr[-3000:]
-    steps = [{m["step"]: (m["train/loss"], m["lr"]) for m in metrics(folder) if "train/loss" in m}
-             for folder in (run_dir, old)]
+    steps = [
+        {m["step"]: (m["train/loss"], m["lr"]) for m in metrics(folder) if "train/loss" in m}
+        for folder in (run_dir, old)
+    ]
     assert steps[0] == steps[1] and {7, 8} <= set(steps[0])
     new_weights, old_weights = (checkpoint.read_weights(f / "checkpoints" / "step-0000008") for f in (run_dir, old))
     assert all(torch.equal(new_weights[k], old_weights[k]) for k in new_weights)

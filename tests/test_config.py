@@ -30,18 +30,34 @@ def test_paper_configs_pin_the_papers_setup_whatever_the_defaults(size):
     assert (cfg.model.size, cfg.model.iterations, cfg.model.alpha, cfg.model.final_lambda) == (size, 3, 0.0, 0.01)
     assert cfg.model.estep_temperature == 1.0
     assert (cfg.loss.name, cfg.loss.margin_schedule, cfg.loss.max_margin_steps) == ("spread_loss", "linear", 20000)
-    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.optim.lr_decay_rate) == ("adam", 3e-3, "exponential", 0.96)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.optim.lr_decay_rate) == (
+        "adam",
+        3e-3,
+        "exponential",
+        0.96,
+    )
     assert (cfg.data.dataset, cfg.train.batch_size) == ("smallnorb", 64)
     text = (CONFIGS / f"paper-{size}.yaml").read_text()
-    for key in ("iterations:", "estep_temperature:", "alpha:", "final_lambda:", "variance_floor:", "lr:", "schedule:",
-                "margin_schedule:", "max_margin_steps:", "batch_size:"):
+    for key in (
+        "iterations:",
+        "estep_temperature:",
+        "alpha:",
+        "final_lambda:",
+        "variance_floor:",
+        "lr:",
+        "schedule:",
+        "margin_schedule:",
+        "max_margin_steps:",
+        "batch_size:",
+    ):
         assert key in text, key
 
 
 def test_yaml_values_and_overrides_are_coerced(tmp_path):
     path = write(tmp_path, "optim:\n  lr: 3e-3\n  lr_decay_steps: 2000.0\nlogging:\n  wandb:\n    tags: [a]\n")
-    cfg = load_config(path, ["optim.lr=1e-2", "train.compile=yes", "logging.wandb.tags=x,y",
-                             "train.batch_size=32", "model.alpha=0"])
+    cfg = load_config(
+        path, ["optim.lr=1e-2", "train.compile=yes", "logging.wandb.tags=x,y", "train.batch_size=32", "model.alpha=0"]
+    )
     assert cfg.optim.lr == pytest.approx(1e-2) and isinstance(cfg.optim.lr, float)
     assert cfg.optim.lr_decay_steps == 2000 and isinstance(cfg.optim.lr_decay_steps, int)
     assert cfg.train.compile is True and cfg.logging.wandb.tags == ["x", "y"]
@@ -49,21 +65,24 @@ def test_yaml_values_and_overrides_are_coerced(tmp_path):
     assert load_config(path, ["logging.wandb.tags=[p, q]"]).logging.wandb.tags == ["p", "q"]
 
 
-@pytest.mark.parametrize("text, override, words", [
-    ("optim:\n  learning_rate: 0.1\n", None, ["run.yaml", "optim.learning_rate", "unknown key"]),
-    ("trian:\n  epochs: 1\n", None, ["run.yaml", "trian", "unknown key"]),
-    ("train:\n  batch_size: big\n", None, ["run.yaml", "train.batch_size", "integer"]),
-    ("train:\n  compile: 1\n", None, ["train.compile", "true or false"]),
-    ("model:\n  size: huge\n", None, ["model.size", "full", "small"]),
-    ("optim:\n  lr: -1\n", None, ["run.yaml", "optim.lr", "> 0"]),
-    ("model:\n  alpha: 2\n", None, ["model.alpha", "<= 1"]),
-    ("model: 3\n", None, ["run.yaml", "model", "mapping"]),
-    ("data:\n  dataset: fashion-mnist\n  val_strategy: loio\n", None, ["data.val_strategy", "smallnorb"]),
-    ("", "optim.lr=fast", ["--set", "optim.lr", "number"]),
-    ("", "train.nope=1", ["--set", "train.nope", "unknown key"]),
-    ("", "train.epochs", ["--set", "key=value"]),
-    ("", "train.epochs=0", ["run.yaml", "train.epochs", ">= 1"]),
-])
+@pytest.mark.parametrize(
+    "text, override, words",
+    [
+        ("optim:\n  learning_rate: 0.1\n", None, ["run.yaml", "optim.learning_rate", "unknown key"]),
+        ("trian:\n  epochs: 1\n", None, ["run.yaml", "trian", "unknown key"]),
+        ("train:\n  batch_size: big\n", None, ["run.yaml", "train.batch_size", "integer"]),
+        ("train:\n  compile: 1\n", None, ["train.compile", "true or false"]),
+        ("model:\n  size: huge\n", None, ["model.size", "full", "small"]),
+        ("optim:\n  lr: -1\n", None, ["run.yaml", "optim.lr", "> 0"]),
+        ("model:\n  alpha: 2\n", None, ["model.alpha", "<= 1"]),
+        ("model: 3\n", None, ["run.yaml", "model", "mapping"]),
+        ("data:\n  dataset: fashion-mnist\n  val_strategy: loio\n", None, ["data.val_strategy", "smallnorb"]),
+        ("", "optim.lr=fast", ["--set", "optim.lr", "number"]),
+        ("", "train.nope=1", ["--set", "train.nope", "unknown key"]),
+        ("", "train.epochs", ["--set", "key=value"]),
+        ("", "train.epochs=0", ["run.yaml", "train.epochs", ">= 1"]),
+    ],
+)
 def test_errors_name_key_and_file(tmp_path, text, override, words):
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as err:
@@ -98,7 +117,7 @@ def test_learning_rate_schedules_are_functions_of_the_global_step():
 
     paper = OptimConfig(schedule="exponential", lr_decay_rate=0.96, lr_decay_steps=20000)
     assert lr_factor(0, paper, 100) == 1.0
-    assert math.isclose(lr_factor(40000, paper, 100), 0.96 ** 2)  # ignores the run length
+    assert math.isclose(lr_factor(40000, paper, 100), 0.96**2)  # ignores the run length
     assert lr_factor(5, OptimConfig(schedule="exponential", lr_decay_rate=0.0), 100) == 1.0  # decay disabled
     cosine = OptimConfig(schedule="cosine", final_lr_ratio=0.1)
     assert lr_factor(0, cosine, 1000) == 1.0

@@ -60,9 +60,22 @@ def test_cuda_bf16_autocast_is_finite_and_routing_stays_float32():
 def test_cuda_quickstart_trains_a_few_steps(tmp_path):
     """launch/train.py on the embedded mini set, on the GPU, bf16: exits 0, losses finite, checkpoint written."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "launch/train.py", "--config", "configs/quickstart.yaml", "--run-dir", str(run_dir),
-           "--max-steps", "30", "--checkpoint-every", "15",
-           "--set", "train.mixed_precision=bf16", "logging.wandb.mode=disabled", "data.num_workers=2"]
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        "--config",
+        "configs/quickstart.yaml",
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        "30",
+        "--checkpoint-every",
+        "15",
+        "--set",
+        "train.mixed_precision=bf16",
+        "logging.wandb.mode=disabled",
+        "data.num_workers=2",
+    ]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -36,7 +36,9 @@ def norb_bytes(array: np.ndarray) -> bytes:
 def idx_bytes(array: np.ndarray) -> bytes:
     """IDX: 0, 0, type code, ndim, big-endian uint32 dims, big-endian data."""
     dtype = array.dtype.newbyteorder(">")
-    header = bytes([0, 0, IDX_CODES[dtype.str.lstrip("<>|=")], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    header = bytes([0, 0, IDX_CODES[dtype.str.lstrip("<>|=")], array.ndim]) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
     return header + array.astype(dtype).tobytes()
 
 
@@ -79,8 +81,10 @@ def trust(monkeypatch, name: str, folder: Path) -> None:
     """Make the registry expect the checksums of the fixture files in `folder` instead of the official ones."""
     spec = sources.DATASETS[name]
     found = sources.locate(name, folder)
-    files = {split: {role: (fname, hashlib.md5(read_bytes(found[fname])).hexdigest())
-                     for role, (fname, _) in roles.items()} for split, roles in spec.files.items()}
+    files = {
+        split: {role: (fname, hashlib.md5(read_bytes(found[fname])).hexdigest()) for role, (fname, _) in roles.items()}
+        for split, roles in spec.files.items()
+    }
     monkeypatch.setitem(sources.DATASETS, name, dataclasses.replace(spec, files=files))
 
 
@@ -114,8 +118,9 @@ def test_norb_one_dim_header_has_three_dims():
 
 
 @pytest.mark.parametrize("gz", [False, True])
-@pytest.mark.parametrize("array", [np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4),
-                                   np.array([1, -7, 300000], dtype=np.int32)])
+@pytest.mark.parametrize(
+    "array", [np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4), np.array([1, -7, 300000], dtype=np.int32)]
+)
 def test_idx_round_trip(tmp_path, gz, array):
     path = write(tmp_path / "x-idx", idx_bytes(array), gz)
     got = parse_idx(read_bytes(path), path)

@@ -41,8 +41,10 @@ def opts(path, **kw) -> DataOptions:
 
 def run_train(manifest, o, epoch, world, batch, **kw):
     """Per rank: list of batches of one epoch."""
-    return [list(train_loader(manifest, o, epoch=epoch, rank=r, world_size=world, per_rank_batch=batch, **kw))
-            for r in range(world)]
+    return [
+        list(train_loader(manifest, o, epoch=epoch, rank=r, world_size=world, per_rank_batch=batch, **kw))
+        for r in range(world)
+    ]
 
 
 def indices(batches) -> list[int]:
@@ -75,8 +77,12 @@ def test_ranks_and_workers_over_odd_shards(norb, world, workers, batch):
 
 
 def eval_indices(manifest, o, split, world=1, batch=4) -> list[int]:
-    return [i for r in range(world) for i in
-            indices(eval_loader(manifest, o, split, rank=r, world_size=world, per_rank_batch=batch)) if i >= 0]
+    return [
+        i
+        for r in range(world)
+        for i in indices(eval_loader(manifest, o, split, rank=r, world_size=world, per_rank_batch=batch))
+        if i >= 0
+    ]
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
@@ -149,19 +155,22 @@ def src_of(path, manifest, split, index) -> int:
     raise KeyError(index)
 
 
-@pytest.mark.parametrize("viewpoint,column,allowed", [("azimuth", 2, TRAIN_AZIMUTHS),
-                                                     ("elevation", 1, TRAIN_ELEVATIONS)])
+@pytest.mark.parametrize(
+    "viewpoint,column,allowed", [("azimuth", 2, TRAIN_AZIMUTHS), ("elevation", 1, TRAIN_ELEVATIONS)]
+)
 def test_viewpoint_splits(norb, viewpoint, column, allowed):
     path, raw = norb
     manifest = load_manifest(path)
     o = opts(path, viewpoint=viewpoint, val_strategy="test")
     trained = {i for r in run_train(manifest, o, 0, 1, 1) for i in indices(r)}
-    expected_train = {i for i in range(N_TRAIN)
-                      if raw["train"]["info"][src_of(path, manifest, "train", i), column] in allowed}
+    expected_train = {
+        i for i in range(N_TRAIN) if raw["train"]["info"][src_of(path, manifest, "train", i), column] in allowed
+    }
     assert trained == expected_train and 0 < len(trained) < N_TRAIN
     tested = set(eval_indices(manifest, o, "test"))
-    expected_test = {i for i in range(N_TEST)
-                     if raw["test"]["info"][src_of(path, manifest, "test", i), column] not in allowed}
+    expected_test = {
+        i for i in range(N_TEST) if raw["test"]["info"][src_of(path, manifest, "test", i), column] not in allowed
+    }
     assert tested == expected_test and 0 < len(tested) < N_TEST
 
 
@@ -177,7 +186,7 @@ def test_truncated_shard_errors_by_default_and_counts_skips(norb, tmp_path):
     manifest = load_manifest(broken)
     shard = manifest.splits["test"].shards[1]
     data = (broken / shard.name).read_bytes()
-    (broken / shard.name).write_bytes(data[:len(data) // 2])
+    (broken / shard.name).write_bytes(data[: len(data) // 2])
     with pytest.raises(DataError, match=rf"shard .*{shard.name}.*(truncated|lacks)"):
         list(eval_loader(manifest, opts(broken), "test", rank=0, world_size=1, per_rank_batch=4))
     loader = eval_loader(manifest, opts(broken, skip_corrupt=True), "test", rank=0, world_size=1, per_rank_batch=4)
@@ -188,9 +197,10 @@ def test_truncated_shard_errors_by_default_and_counts_skips(norb, tmp_path):
     assert loader.skipped == sum(b.skipped for b in batches) == len(lost)
     train_shard = manifest.splits["train"].shards[2]
     data = (broken / train_shard.name).read_bytes()
-    (broken / train_shard.name).write_bytes(data[:len(data) // 3])
-    train = train_loader(manifest, opts(broken, skip_corrupt=True, val_strategy="test"), epoch=0, rank=0,
-                         world_size=1, per_rank_batch=5)
+    (broken / train_shard.name).write_bytes(data[: len(data) // 3])
+    train = train_loader(
+        manifest, opts(broken, skip_corrupt=True, val_strategy="test"), epoch=0, rank=0, world_size=1, per_rank_batch=5
+    )
     batches = list(train)
     assert len(batches) == N_TRAIN // 5 and all(b.index.shape == (5,) for b in batches)
     distinct = set(indices(batches))
@@ -259,8 +269,9 @@ def test_transforms_match_the_paper(norb):
     views = torch.from_numpy(raw["test"]["images"][src]).float() / 255
     small = torch.nn.functional.avg_pool2d(views[None], 2)[0]  # tf.image.resize bilinear, 96 -> 48
     np.testing.assert_allclose(batch.images[0], standardize(small)[:, 8:40, 8:40], atol=1e-5)
-    left = next(iter(eval_loader(manifest, opts(path, channels="left"), "test", rank=0, world_size=1,
-                                 per_rank_batch=2)))
+    left = next(
+        iter(eval_loader(manifest, opts(path, channels="left"), "test", rank=0, world_size=1, per_rank_batch=2))
+    )
     assert left.images.shape == (2, 1, 32, 32)
     train = run_train(manifest, opts(path, num_workers=0), 0, 1, 8)[0]
     stds = torch.stack([b.images.flatten(1).std(1) for b in train]).flatten()

@@ -85,8 +85,15 @@ def test_idx_round_trip_subset_and_tar_listing(tmp_path, monkeypatch):
     raw = make_idx_source(tmp_path / "raw", 60, 30, gz=True)
     trust(monkeypatch, "fashion-mnist", tmp_path / "raw")
     out = tmp_path / "out"
-    manifest = shards.prepare("fashion-mnist", out, source=tmp_path / "raw", shard_size=7,
-                              subset={"train": 40, "test": 20}, compress=True, log=lambda _: None)
+    manifest = shards.prepare(
+        "fashion-mnist",
+        out,
+        source=tmp_path / "raw",
+        shard_size=7,
+        subset={"train": 40, "test": 20},
+        compress=True,
+        log=lambda _: None,
+    )
     assert manifest.image_shape == (1, 28, 28) and manifest.subset == {"train": 40, "test": 20}
     for split, n in (("train", 40), ("test", 20)):
         samples = read_shards(out, manifest, split)
@@ -98,8 +105,9 @@ def test_idx_round_trip_subset_and_tar_listing(tmp_path, monkeypatch):
             np.testing.assert_array_equal(png_array(parts["png"]), raw[split]["images"][src])
             assert int(parts["cls"]) == raw[split]["labels"][src]
     if shutil.which("tar"):
-        listing = subprocess.run(["tar", "tf", out / manifest.splits["test"].shards[0].name],
-                                 capture_output=True, text=True, check=True).stdout.split()
+        listing = subprocess.run(
+            ["tar", "tf", out / manifest.splits["test"].shards[0].name], capture_output=True, text=True, check=True
+        ).stdout.split()
         assert listing[:3] == ["00000000.cls", "00000000.json", "00000000.png"]
 
 
@@ -140,7 +148,8 @@ def test_killed_prepare_leaves_no_usable_output_and_rerun_completes(tmp_path, mo
     monkeypatch.setattr(shards, "png", real_png)
     manifest = shards.prepare("mnist", out, source=tmp_path / "raw", shard_size=10, log=lambda _: None)
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["manifest.json"] + [s.name for split in manifest.splits.values() for s in split.shards])
+        ["manifest.json"] + [s.name for split in manifest.splits.values() for s in split.shards]
+    )
     assert sum(len(read_shards(out, manifest, s)) for s in ("train", "test")) == 70
 
 
@@ -174,9 +183,20 @@ def test_same_sources_give_identical_shards(tmp_path, monkeypatch):
 
 def test_cli_prints_error_without_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
-    result = subprocess.run([sys.executable, str(ROOT / "launch" / "prepare_data.py"), "mnist",
-                             "--source", str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "prepare_data.py"),
+            "mnist",
+            "--source",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("capsdist: error: mnist: train-images-idx3-ubyte[.gz] not found")
     assert "Traceback" not in result.stderr

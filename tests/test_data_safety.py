@@ -51,8 +51,9 @@ def _test_batches(location, **kw) -> list:
     return list(eval_loader(manifest, opts, "test", rank=0, world_size=1, per_rank_batch=5))
 
 
-@pytest.mark.parametrize("name", ["x;touch {marker};.tar", "$(touch {marker}).tar", "../outside/test-000000.tar",
-                                  "/etc/passwd"])
+@pytest.mark.parametrize(
+    "name", ["x;touch {marker};.tar", "$(touch {marker}).tar", "../outside/test-000000.tar", "/etc/passwd"]
+)
 def test_shard_names_never_reach_a_shell_or_leave_the_directory(dataset, tmp_path, name):
     marker = tmp_path / "pwned"
     bad = name.format(marker=marker)
@@ -75,22 +76,27 @@ def test_a_symlinked_shard_is_refused(dataset, tmp_path):
 def test_a_pipe_location_is_never_a_directory(tmp_path, monkeypatch):
     """`pipe:cat /x/{}` has no `://`: it must still be read as a command, never prepared into as a folder."""
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(Path(__file__).parents[1] / "configs" / "quickstart.yaml",
-                      [f"data.shards=pipe:cat {tmp_path}/absent/{{}}", "data.prepare=auto"])
+    cfg = load_config(
+        Path(__file__).parents[1] / "configs" / "quickstart.yaml",
+        [f"data.shards=pipe:cat {tmp_path}/absent/{{}}", "data.prepare=auto"],
+    )
     rank0 = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
     with pytest.raises(DataError, match="cannot read pipe:cat"):
         load_data(cfg, rank0, data_options(cfg))
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda raw: raw.pop("classes"), "missing key 'classes'"),
-    (lambda raw: raw["splits"]["test"].update(num_samples="many"), "test.num_samples is str, expected int"),
-    (lambda raw: raw["splits"]["test"]["shards"][0].pop("sha256"), "missing key 'sha256'"),
-    (lambda raw: raw["splits"]["test"]["columns"]["label"].pop(), "test.columns.label has 19 values for 20"),
-    (lambda raw: raw.update(splits=[]), "splits is list, expected dict"),
-    (lambda raw: raw["splits"]["test"]["shards"][0].update(first_index=None), "first_index is NoneType"),
-])
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda raw: raw.pop("classes"), "missing key 'classes'"),
+        (lambda raw: raw["splits"]["test"].update(num_samples="many"), "test.num_samples is str, expected int"),
+        (lambda raw: raw["splits"]["test"]["shards"][0].pop("sha256"), "missing key 'sha256'"),
+        (lambda raw: raw["splits"]["test"]["columns"]["label"].pop(), "test.columns.label has 19 values for 20"),
+        (lambda raw: raw.update(splits=[]), "splits is list, expected dict"),
+        (lambda raw: raw["splits"]["test"]["shards"][0].update(first_index=None), "first_index is NoneType"),
+    ],
+)
 def test_a_malformed_manifest_is_a_message(dataset, edit, words):
     _edit_manifest(dataset, edit)
     with pytest.raises(DataError, match=r"manifest.json: malformed manifest \(.*\); prepare the dataset again: "):
@@ -137,8 +143,10 @@ def test_changed_shard_bytes_are_caught(dataset):
 
 
 def test_a_label_that_disagrees_with_the_manifest_is_caught(dataset):
-    _rewrite(dataset / "test-000000.tar",
-             lambda m, data: str((int(data) + 1) % 10).encode() if m.name == "00000003.cls" else data)
+    _rewrite(
+        dataset / "test-000000.tar",
+        lambda m, data: str((int(data) + 1) % 10).encode() if m.name == "00000003.cls" else data,
+    )
     _rehash(dataset, "test-000000.tar")
     with pytest.raises(DataError, match=r"corrupt sample 00000003 of shard .*label \d, the manifest says \d"):
         _test_batches(dataset)
@@ -146,6 +154,7 @@ def test_a_label_that_disagrees_with_the_manifest_is_caught(dataset):
 
 def _bomb_png() -> bytes:
     """A PNG whose header claims 40000 x 40000 pixels (PIL refuses to decode such a decompression bomb)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 

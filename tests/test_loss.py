@@ -10,8 +10,7 @@ import torch
 from capsdist.loss import categorical_crossentropy, make_loss, margin_at, spread_loss, squared_hinge
 
 # Two samples, three classes; targets 0 and 1.
-ACTS = torch.tensor([[0.9, 0.3, 0.8],
-                     [0.2, 0.6, 0.5]])
+ACTS = torch.tensor([[0.9, 0.3, 0.8], [0.2, 0.6, 0.5]])
 TARGETS = torch.tensor([0, 1])
 
 
@@ -64,8 +63,11 @@ def test_squared_hinge_hand_computed():
 
 
 def test_losses_accept_bfloat16_and_return_float32():
-    for loss in (spread_loss(ACTS.bfloat16(), TARGETS, 0.5), categorical_crossentropy(ACTS.bfloat16(), TARGETS),
-                 squared_hinge(ACTS.bfloat16(), TARGETS)):
+    for loss in (
+        spread_loss(ACTS.bfloat16(), TARGETS, 0.5),
+        categorical_crossentropy(ACTS.bfloat16(), TARGETS),
+        squared_hinge(ACTS.bfloat16(), TARGETS),
+    ):
         assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -108,8 +110,9 @@ def test_make_loss_spread():
     loss, margin = loss_fn(ACTS, TARGETS, 100)
     assert margin == pytest.approx(0.9)
     assert loss.item() == pytest.approx(spread_loss(ACTS, TARGETS, 0.9).item())
-    assert make_loss("spread_loss", margin_schedule="sigmoid", max_margin_steps=100)(ACTS, TARGETS, 0)[1] == \
-        pytest.approx(0.2142091, abs=1e-6)
+    assert make_loss("spread_loss", margin_schedule="sigmoid", max_margin_steps=100)(ACTS, TARGETS, 0)[
+        1
+    ] == pytest.approx(0.2142091, abs=1e-6)
 
 
 @pytest.mark.parametrize("name,expected", [("categorical_crossentropy", 0.7858487922), ("squared_hinge", 1.465)])

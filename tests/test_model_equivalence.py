@@ -71,8 +71,9 @@ def _check(fast, fast_grads, ref, ref_grads, *, rtol, atol, grad_rtol, grad_atol
     for name, f, r in zip(GRAD_NAMES, fast_grads, ref_grads):
         assert torch.isfinite(f).all(), name
         assert r.abs().max() > 0, f"reference gradient of {name} is identically zero: the test would be vacuous"
-        torch.testing.assert_close(f.double(), r, rtol=grad_rtol, atol=grad_atol_rel * r.abs().max().item(),
-                                   msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(
+            f.double(), r, rtol=grad_rtol, atol=grad_atol_rel * r.abs().max().item(), msg=lambda m: f"grad {name}: {m}"
+        )
 
 
 CONV_CASES = [
@@ -89,14 +90,16 @@ CONV_CASES = [
 def test_convcaps_matches_reference(stride, t, o, size, final_lambda, alpha, dtype):
     seed = 10 * stride + size
     torch.manual_seed(seed)
-    layer = ConvCaps(t, o, kernel=3, stride=stride,
-                     routing=RoutingSettings(ITERATIONS, final_lambda=final_lambda, alpha=alpha))
+    layer = ConvCaps(
+        t, o, kernel=3, stride=stride, routing=RoutingSettings(ITERATIONS, final_lambda=final_lambda, alpha=alpha)
+    )
     _set_betas(layer, seed)
     poses, acts = _inputs(seed, 2, t, size, size)
 
     def ref_fn(p, a, w, bu, ba):
-        return reference_conv_caps(p, a, w, bu, ba, kernel=3, stride=stride, iterations=ITERATIONS,
-                                   final_lambda=final_lambda, alpha=alpha)
+        return reference_conv_caps(
+            p, a, w, bu, ba, kernel=3, stride=stride, iterations=ITERATIONS, final_lambda=final_lambda, alpha=alpha
+        )
 
     fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype)
     assert fast[0].shape == ref[0].shape and fast[1].shape == ref[1].shape
@@ -125,8 +128,17 @@ def test_classcaps_matches_reference(coord_add, centre_scale, input_size, dtype)
     poses, acts = _inputs(seed, 2, 3, 3, 3)
 
     def ref_fn(p, a, w, bu, ba):
-        return reference_class_caps(p, a, w, bu, ba, coord_add=coord_add, centre_scale=centre_scale,
-                                    input_size=input_size, iterations=ITERATIONS)
+        return reference_class_caps(
+            p,
+            a,
+            w,
+            bu,
+            ba,
+            coord_add=coord_add,
+            centre_scale=centre_scale,
+            input_size=input_size,
+            iterations=ITERATIONS,
+        )
 
     fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype)
     if dtype == torch.float64:
@@ -152,8 +164,9 @@ def test_classcaps_coordinate_addition_is_exactly_the_centre_offsets():
     V = layer.votes(poses).reshape(1, o, t * h * w, 16)
     ty, r, c = (V[..., k].round().long() for k in (0, 1, 2))
     for j in range(o):  # every child exactly once per class
-        assert sorted(zip(ty[0, j].tolist(), r[0, j].tolist(), c[0, j].tolist())) == \
-            [(a, b, d) for a in range(t) for b in range(h) for d in range(w)]
+        assert sorted(zip(ty[0, j].tolist(), r[0, j].tolist(), c[0, j].tolist())) == [
+            (a, b, d) for a in range(t) for b in range(h) for d in range(w)
+        ]
     torch.testing.assert_close(V[..., 3], (8.0 * r + 9.5) / 28, rtol=0, atol=1e-6)
     torch.testing.assert_close(V[..., 7], (8.0 * c + 9.5) / 28, rtol=0, atol=1e-6)
     layer.coord_add = False
@@ -174,8 +187,9 @@ def test_em_routing_matches_reference(alpha):
     beta_a = torch.randn(4, generator=g, dtype=torch.float64) * 0.5
     ref = reference_em_routing(votes, a_in, beta_u, beta_a, iterations=3, final_lambda=0.05, alpha=alpha)
     fast64 = em_routing(votes, a_in, beta_u, beta_a, iterations=3, final_lambda=0.05, alpha=alpha)
-    fast32 = em_routing(votes.float(), a_in.float(), beta_u.float(), beta_a.float(), iterations=3,
-                        final_lambda=0.05, alpha=alpha)
+    fast32 = em_routing(
+        votes.float(), a_in.float(), beta_u.float(), beta_a.float(), iterations=3, final_lambda=0.05, alpha=alpha
+    )
     for f64, f32, r in zip(fast64, fast32, ref):
         torch.testing.assert_close(f64, r, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(f32.double(), r, rtol=1e-5, atol=1e-5)
@@ -193,13 +207,13 @@ def test_estep_temperature_matches_reference(layer_kind, dtype):
         layer = ConvCaps(2, 3, kernel=3, stride=1, routing=routing)
 
         def ref_fn(p, a, w, bu, ba, t=temperature):
-            return reference_conv_caps(p, a, w, bu, ba, kernel=3, stride=1, iterations=ITERATIONS,
-                                       estep_temperature=t)
+            return reference_conv_caps(p, a, w, bu, ba, kernel=3, stride=1, iterations=ITERATIONS, estep_temperature=t)
     else:
         layer = ClassCaps(2, 3, routing=routing, coord_add=True)
 
         def ref_fn(p, a, w, bu, ba, t=temperature):
             return reference_class_caps(p, a, w, bu, ba, coord_add=True, iterations=ITERATIONS, estep_temperature=t)
+
     _set_betas(layer, seed)
     poses, acts = _inputs(seed, 2, 2, 5, 5)
     fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype)

@@ -55,7 +55,7 @@ def test_all_activations_zero_stay_finite():
     votes, a_in, beta_u, beta_a = _leaves(3, 10, 4, 1.0, a_value=0.0)
     poses, a_out, _ = _assert_finite_forward_backward(votes, a_in, beta_u, beta_a)
     # no data reaches any parent: a_j = logistic(lambda * beta_a), the cost term is 0
-    assert torch.allclose(a_out, torch.sigmoid(0.01 * (1 - 0.95 ** 3) * beta_a.detach()).expand_as(a_out))
+    assert torch.allclose(a_out, torch.sigmoid(0.01 * (1 - 0.95**3) * beta_a.detach()).expand_as(a_out))
 
 
 @pytest.mark.parametrize("o", [1, 3])
@@ -75,8 +75,11 @@ def test_capsnet_extreme_inputs_finite_gradients(case):
     """Small CapsNet: forward and the gradient of every parameter stay finite for extreme images."""
     torch.manual_seed(0)
     model = CapsNet.from_preset("small", num_classes=3, input_size=28, routing=RoutingSettings(iterations=2))
-    x = {"tiny": torch.randn(2, 1, 28, 28) * 1e-6, "huge": torch.randn(2, 1, 28, 28) * 1e4,
-         "zeros": torch.zeros(2, 1, 28, 28)}[case]
+    x = {
+        "tiny": torch.randn(2, 1, 28, 28) * 1e-6,
+        "huge": torch.randn(2, 1, 28, 28) * 1e4,
+        "zeros": torch.zeros(2, 1, 28, 28),
+    }[case]
     acts, poses = model(x, return_poses=True)
     assert torch.isfinite(acts).all() and torch.isfinite(poses).all()
     loss = F.cross_entropy(acts, torch.tensor([0, 1])) + 1e-3 * poses.square().mean()
@@ -181,5 +184,4 @@ def test_bfloat16_autocast_initial_assignments_are_float32_exact(route_calls):
     n, t, h = 1, layer.in_types, 12
     per_window = R0.sum(1).view(n, 5 * 5, 9, t).permute(0, 3, 2, 1).reshape(n, t * 9, 25)
     per_child = F.fold(per_window, (h, h), 3, stride=2)
-    torch.testing.assert_close(per_child[..., :11, :11], torch.ones_like(per_child[..., :11, :11]),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(per_child[..., :11, :11], torch.ones_like(per_child[..., :11, :11]), rtol=0, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Properties of EM routing (capsdist.model.routing.em_routing) and of the ConvCaps assignments (Gritzman's pitfall 3)."""
+"""Properties of EM routing (capsdist.model.routing.em_routing) and of the ConvCaps assignments (Gritzman's
+pitfall 3)."""
 
 from __future__ import annotations
 
@@ -71,8 +72,11 @@ def test_zero_activation_children_have_no_influence():
     # ... and the same children do matter when they are active (the test can fail)
     a_on = a_in.clone()
     a_on[:, :4] = 0.9
-    assert not torch.allclose(em_routing(votes, a_on, beta_u, beta_a, iterations=3)[0],
-                              em_routing(changed, a_on, beta_u, beta_a, iterations=3)[0], atol=1e-3)
+    assert not torch.allclose(
+        em_routing(votes, a_on, beta_u, beta_a, iterations=3)[0],
+        em_routing(changed, a_on, beta_u, beta_a, iterations=3)[0],
+        atol=1e-3,
+    )
 
 
 def test_zero_activation_children_with_far_votes_have_no_influence():
@@ -209,8 +213,7 @@ def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, 
     per_child = per_child.view(n, t, size, size)
     covered = torch.zeros(size, size, dtype=torch.bool)
     covered[: (out - 1) * stride + kernel, : (out - 1) * stride + kernel] = True
-    torch.testing.assert_close(per_child[:, :, covered], torch.ones_like(per_child[:, :, covered]),
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(per_child[:, :, covered], torch.ones_like(per_child[:, :, covered]), rtol=0, atol=1e-5)
     assert (per_child[:, :, ~covered] == 0).all()
     if iterations > 1:  # an E-step ran: R is no longer the uniform start
         R0 = call["log_R0"].exp()
@@ -251,8 +254,17 @@ def test_routing_checkpoint_gives_the_same_gradients():
         p_in, a_in = poses.clone().requires_grad_(), acts.clone().requires_grad_()
         out_p, out_a = layer(p_in, a_in)
         (out_p.sin().sum() + out_a.sum()).backward()
-        grads.append([out_p.detach(), out_a.detach(), p_in.grad, a_in.grad, layer.weight.grad,
-                      layer.beta_u.grad, layer.beta_a.grad])
+        grads.append(
+            [
+                out_p.detach(),
+                out_a.detach(),
+                p_in.grad,
+                a_in.grad,
+                layer.weight.grad,
+                layer.beta_u.grad,
+                layer.beta_a.grad,
+            ]
+        )
     for x, y in zip(*grads):
         torch.testing.assert_close(y, x, rtol=1e-10, atol=1e-12)
 

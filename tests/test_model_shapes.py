@@ -23,8 +23,9 @@ def test_shapes_at_every_layer(preset, size, channels):
     A, B, C, D = (PRESETS[preset][k] for k in "ABCD")
     k, n = 5, (1 if preset == "full" else 2)  # full preset: one image keeps the test fast
     torch.manual_seed(0)
-    model = CapsNet.from_preset(preset, in_channels=channels, input_size=size, num_classes=k,
-                                routing=RoutingSettings(iterations=1))
+    model = CapsNet.from_preset(
+        preset, in_channels=channels, input_size=size, num_classes=k, routing=RoutingSettings(iterations=1)
+    )
     h1, h2, h3, h4 = SIZES[size]
     x = torch.randn(n, channels, size, size)
     with torch.no_grad():
@@ -101,7 +102,8 @@ def test_health_stats_after_forward():
     for name, layer_stats in stats.items():
         routed = name != "primarycaps"
         assert set(layer_stats) == {"mean_activation", "dead_fraction", "saturated_fraction"} | (
-            {"assignment_entropy"} if routed else set())
+            {"assignment_entropy"} if routed else set()
+        )
         assert all(type(v) is float for v in layer_stats.values())
         assert 0.0 < layer_stats["mean_activation"] < 1.0
         assert 0.0 <= layer_stats["dead_fraction"] <= 1.0 and 0.0 <= layer_stats["saturated_fraction"] <= 1.0
@@ -115,8 +117,7 @@ def test_dead_and_saturated_capsules_are_counted():
     """A capsule is dead when it stays below 0.01 on every image; an activation above 0.99 is saturated."""
     from capsdist.model.layers import activation_stats
 
-    a = torch.tensor([[0.005, 0.5, 0.995, 0.001],
-                      [0.009, 0.002, 0.999, 0.5]])  # (N=2 images, 4 capsules)
+    a = torch.tensor([[0.005, 0.5, 0.995, 0.001], [0.009, 0.002, 0.999, 0.5]])  # (N=2 images, 4 capsules)
     stats = {k: float(v) for k, v in activation_stats(a).items()}
     assert stats["dead_fraction"] == 0.25  # only capsule 0 is below 0.01 on both images
     assert stats["saturated_fraction"] == 0.25  # 2 of 8 activations
@@ -131,8 +132,7 @@ def _small_net(**routing) -> CapsNet:
 def test_routing_keys_reach_the_layers_they_name():
     """model.class_lambda_scale scales only the class capsules' final_lambda; beta_a_scale reaches every routing
     layer: a net with beta_a_scale s equals one whose beta_a parameters are multiplied by s."""
-    cfg = ModelConfig(size="small", A=8, B=4, C=4, D=4, final_lambda=0.02, class_lambda_scale=0.25,
-                      beta_a_scale=7.0)
+    cfg = ModelConfig(size="small", A=8, B=4, C=4, D=4, final_lambda=0.02, class_lambda_scale=0.25, beta_a_scale=7.0)
     net = build_model(cfg, in_channels=1, input_size=28, num_classes=5)
     assert [net.conv_caps1.routing.final_lambda, net.conv_caps2.routing.final_lambda] == [0.02, 0.02]
     assert net.class_caps.routing.final_lambda == 0.005

@@ -47,12 +47,12 @@ def _shapes_task(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torc
         r, c = offsets[k].tolist()
         canvas = images[k, 0]
         if labels[k] == 0:
-            canvas[r + 4:r + 6, c:c + 10] += 2.0
+            canvas[r + 4 : r + 6, c : c + 10] += 2.0
         elif labels[k] == 1:
-            canvas[r:r + 10, c + 4:c + 6] += 2.0
+            canvas[r : r + 10, c + 4 : c + 6] += 2.0
         elif labels[k] == 2:
-            canvas[r:r + 10, c:c + 10] += 2.0
-            canvas[r + 2:r + 8, c + 2:c + 8] -= 2.0
+            canvas[r : r + 10, c : c + 10] += 2.0
+            canvas[r + 2 : r + 8, c + 2 : c + 8] -= 2.0
         else:
             idx = torch.arange(10)
             canvas[r + idx, c + idx] += 2.0
@@ -77,11 +77,12 @@ def test_default_recipe_learns_a_small_task():
     torch.manual_seed(0)
     model = build_model(ModelConfig(size="small", A=8, B=4, C=4, D=4), in_channels=1, input_size=28, num_classes=4)
     loss_cfg, optim_cfg = LossConfig(), OptimConfig()
-    loss_fn = make_loss(loss_cfg.name, margin_schedule=loss_cfg.margin_schedule,
-                        max_margin_steps=loss_cfg.max_margin_steps)
+    loss_fn = make_loss(
+        loss_cfg.name, margin_schedule=loss_cfg.margin_schedule, max_margin_steps=loss_cfg.max_margin_steps
+    )
     opt = torch.optim.Adam(model.parameters(), lr=optim_cfg.lr)
     for step in range(60):
-        loss, _ = loss_fn(model(train_x[step * 32:(step + 1) * 32]), train_y[step * 32:(step + 1) * 32], step)
+        loss, _ = loss_fn(model(train_x[step * 32 : (step + 1) * 32]), train_y[step * 32 : (step + 1) * 32], step)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -18,11 +18,14 @@ from capsdist.train import checkpoint, trainer
 from train_helpers import STEPS_PER_EPOCH, losses, metrics, run, train_command, train_state
 
 
-@pytest.mark.parametrize("override, words", [
-    ("optim.learning_rate=0.1", ["optim.learning_rate", "unknown key"]),
-    ("train.batch_size=many", ["train.batch_size", "integer"]),
-    ("train.mixed_precision=fp8", ["train.mixed_precision", "bf16"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.learning_rate=0.1", ["optim.learning_rate", "unknown key"]),
+        ("train.batch_size=many", ["train.batch_size", "integer"]),
+        ("train.mixed_precision=fp8", ["train.mixed_precision", "bf16"]),
+    ],
+)
 def test_config_errors_stop_before_any_work(tiny_config, tmp_path, override, words):
     result = run(train_command(tiny_config, "--set", override))
     assert result.returncode == 2
@@ -118,6 +121,9 @@ def test_skipped_samples_are_counted_warned_and_bounded(holey_config, tmp_path, 
     assert "corrupt training samples skipped" in caplog.text
     shutil.rmtree(tmp_path / "run")
     cfg = load_config(config, [f"train.max_steps={STEPS_PER_EPOCH}", "data.max_skipped_fraction=0.01"])
-    with pytest.raises(TrainingError, match=r"epoch 0: \d+ corrupt training samples skipped, more than "
-                                            r"data.max_skipped_fraction 0.01 of its 288"):
+    with pytest.raises(
+        TrainingError,
+        match=r"epoch 0: \d+ corrupt training samples skipped, more than "
+        r"data.max_skipped_fraction 0.01 of its 288",
+    ):
         trainer.Trainer(cfg, source=str(config)).fit()

@@ -20,13 +20,13 @@ def test_class_health_monitor_warns_once_when_all_dead_and_again_on_recovery(cap
             monitor.update(dead, step)
         assert [r.getMessage() for r in caplog.records] == [
             "step 30: the class capsules have been all dead for 20 steps (activations below 0.01 on every image: "
-            "lower optim.lr or model.final_lambda)"]
+            "lower optim.lr or model.final_lambda)"
+        ]
         monitor.update(healthy, 60)
         assert caplog.records[-1].getMessage() == "step 60: the class capsules are no longer all dead"
         monitor.update({"dead_fraction": 0.0, "saturated_fraction": 1.0}, 70)
         monitor.update({"dead_fraction": 0.0, "saturated_fraction": 1.0}, 90)
         assert "all saturated for 20 steps" in caplog.records[-1].getMessage()
-
 
 
 def test_grad_norms_per_layer_and_total():

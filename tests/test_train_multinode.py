@@ -14,12 +14,40 @@ def test_two_nodes_then_one_node_match_one_node(tiny_config, tmp_path):
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     port, run_dir = free_port(), tmp_path / "nodes"
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--node-rank", str(rank), "--rdzv-backend", "c10d", "--rdzv-id", "capsdist-test",
-                               "--rdzv-endpoint", f"127.0.0.1:{port}", str(REPO / "launch" / "train.py"),
-                               "--config", str(tiny_config), "--run-dir", str(run_dir), "--max-steps", "4"],
-                              cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for rank in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc-per-node",
+                "1",
+                "--node-rank",
+                str(rank),
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-id",
+                "capsdist-test",
+                "--rdzv-endpoint",
+                f"127.0.0.1:{port}",
+                str(REPO / "launch" / "train.py"),
+                "--config",
+                str(tiny_config),
+                "--run-dir",
+                str(run_dir),
+                "--max-steps",
+                "4",
+            ],
+            cwd=REPO,
+            env=run_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [node.communicate(timeout=240)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     assert any("done at step 4 (2 processes)" in o for o in outputs)

@@ -8,8 +8,19 @@ import pytest
 import torch
 
 from capsdist.train import checkpoint
-from train_helpers import (BATCH, STEPS_PER_EPOCH, kill_group, losses, metrics, run, start, train_command,
-                           train_state, wait_for_step, weights)
+from train_helpers import (
+    BATCH,
+    STEPS_PER_EPOCH,
+    kill_group,
+    losses,
+    metrics,
+    run,
+    start,
+    train_command,
+    train_state,
+    wait_for_step,
+    weights,
+)
 
 TOTAL = STEPS_PER_EPOCH + 12  # crosses an epoch boundary after the resume
 
@@ -28,8 +39,19 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_config, tmp_path):
     saved = checkpoint.step_checkpoints(crashed)[-1]
     assert 0 < train_state(saved)["step"] < STEPS_PER_EPOCH  # resumes mid-epoch
 
-    resumed = run(train_command(tiny_config, "--run-dir", str(crashed), "--max-steps", str(TOTAL),
-                                "--checkpoint-every", "3", "--resume", "auto"))
+    resumed = run(
+        train_command(
+            tiny_config,
+            "--run-dir",
+            str(crashed),
+            "--max-steps",
+            str(TOTAL),
+            "--checkpoint-every",
+            "3",
+            "--resume",
+            "auto",
+        )
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected, got = losses(reference), losses(crashed)
     assert sorted(got) == sorted(expected) == list(range(1, TOTAL + 1))
@@ -80,8 +102,9 @@ def test_resume_on_another_world_size_keeps_the_global_sample_count(tiny_config,
 def test_sigterm_checkpoints_and_exits_cleanly(tiny_config, tmp_path, workers):
     """SIGTERM to the whole process group, loader workers included, as scancel or SLURM's --signal send it."""
     run_dir = tmp_path / "run"
-    cmd = train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "0",
-                        "--set", f"data.num_workers={workers}")
+    cmd = train_command(
+        tiny_config, "--max-steps", "100000", "--checkpoint-every", "0", "--set", f"data.num_workers={workers}"
+    )
     proc = start(cmd, tmp_path / "term.log")
     wait_for_step(proc, run_dir, 4)
     os.killpg(proc.pid, signal.SIGTERM)

@@ -20,7 +20,11 @@ def _rank_pid(launcher: int, rank: int) -> int:
             parents = _ancestors(int(entry.name))
         except OSError:
             continue
-        if launcher in parents and f"RANK={rank}".encode() in environ and b"LOCAL_RANK=" + str(rank).encode() in environ:
+        if (
+            launcher in parents
+            and f"RANK={rank}".encode() in environ
+            and b"LOCAL_RANK=" + str(rank).encode() in environ
+        ):
             return int(entry.name)
     raise AssertionError(f"no rank {rank} under {launcher}")
 
@@ -36,8 +40,16 @@ def _ancestors(pid: int) -> list[int]:
 
 def test_a_hung_rank_stops_the_run_after_the_timeout(tiny_config, tmp_path):
     run_dir = tmp_path / "run"
-    cmd = train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "2",
-                        "--set", "train.collective_timeout_s=10", procs=2)
+    cmd = train_command(
+        tiny_config,
+        "--max-steps",
+        "100000",
+        "--checkpoint-every",
+        "2",
+        "--set",
+        "train.collective_timeout_s=10",
+        procs=2,
+    )
     proc = start(cmd, tmp_path / "hung.log")
     try:
         wait_for_step(proc, run_dir, 4)
@@ -57,8 +69,9 @@ def test_a_hung_rank_stops_the_run_after_the_timeout(tiny_config, tmp_path):
 
 def test_sigterm_to_the_launcher_alone_checkpoints_and_exits_0(tiny_config, tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "0", procs=2),
-                 tmp_path / "term.log")
+    proc = start(
+        train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "0", procs=2), tmp_path / "term.log"
+    )
     try:
         wait_for_step(proc, run_dir, 4)
         proc.send_signal(signal.SIGTERM)  # the launcher only (kill PID), not its process group

@@ -27,14 +27,20 @@ def test_an_out_of_range_seed_is_a_config_error(seed):
 
 
 def _prepare_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch" / "prepare_data.py"), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "prepare_data.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
 
 
 def test_a_negative_subset_is_a_usage_error(tmp_path):
     make_idx_source(tmp_path / "idx", 20, 10, gz=False)
-    result = _prepare_cli("fashion-mnist", "--out", str(tmp_path / "out"), "--source", str(tmp_path / "idx"),
-                          "--subset", "train=-5")
+    result = _prepare_cli(
+        "fashion-mnist", "--out", str(tmp_path / "out"), "--source", str(tmp_path / "idx"), "--subset", "train=-5"
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--subset train=-5: sizes must be at least 1" in result.stderr
 

@@ -1,8 +1,9 @@
 """Helpers of the trainer tests: the tiny run config, launching runs, reading their metrics and checkpoints.
 
-The fixtures `tiny_shards` and `tiny_config` (conftest.py) build on TINY. The tiny model (A=8, B=C=D=4, one routing iteration) on 320 + 64 Fashion-MNIST-format images makes a
-training step take a few milliseconds, so the tests measure the trainer, not the network. The images are
-written by the tests themselves (IDX files, then shards), so nothing outside the repository is needed.
+The fixtures `tiny_shards` and `tiny_config` (conftest.py) build on TINY. The tiny model (A=8, B=C=D=4, one routing
+iteration) on 320 + 64 Fashion-MNIST-format images makes a training step take a few milliseconds, so the tests
+measure the trainer, not the network. The images are written by the tests themselves (IDX files, then shards), so
+nothing outside the repository is needed.
 """
 
 from __future__ import annotations
@@ -44,9 +45,18 @@ def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
     script = [str(REPO / "launch" / "train.py"), "--config", str(config), *args]
     if procs == 1:
         return [sys.executable, *script]
-    return [sys.executable, "-m", "capsdist.launch", "--config_file",
-            str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "--num_processes", str(procs),
-            "--main_process_port", str(free_port()), *script]
+    return [
+        sys.executable,
+        "-m",
+        "capsdist.launch",
+        "--config_file",
+        str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"),
+        "--num_processes",
+        str(procs),
+        "--main_process_port",
+        str(free_port()),
+        *script,
+    ]
 
 
 def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
@@ -56,8 +66,9 @@ def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     """Start in the background (own process group), stdout and stderr to `log`."""
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=run_env(),
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT, env=run_env(), start_new_session=True
+    )
 
 
 def run_env() -> dict:

@@ -17,5 +17,17 @@ from capsdist.data.shards import prepare
 from capsdist.data.sources import DATASETS
 from capsdist.data.transforms import input_shape
 
-__all__ = ["DATASETS", "Batch", "DataOptions", "Manifest", "eval_loader", "input_shape", "is_remote",
-           "load_manifest", "prepare", "prepare_command", "steps_per_epoch", "train_loader"]
+__all__ = [
+    "DATASETS",
+    "Batch",
+    "DataOptions",
+    "Manifest",
+    "eval_loader",
+    "input_shape",
+    "is_remote",
+    "load_manifest",
+    "prepare",
+    "prepare_command",
+    "steps_per_epoch",
+    "train_loader",
+]

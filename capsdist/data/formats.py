@@ -63,11 +63,15 @@ def _array(path: Path, data: bytes, offset: int, dims: list[int], dtype: np.dtyp
     expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
     actual = len(data) - offset
     if actual < expected:
-        raise DataError(f"{path}: truncated: header announces {dims} ({expected} bytes of data) "
-                        f"but the file holds {actual}; download the file again")
+        raise DataError(
+            f"{path}: truncated: header announces {dims} ({expected} bytes of data) "
+            f"but the file holds {actual}; download the file again"
+        )
     if actual > expected:
-        raise DataError(f"{path}: {actual - expected} unexpected bytes after the {dims} data; "
-                        "the file is not in the format it claims")
+        raise DataError(
+            f"{path}: {actual - expected} unexpected bytes after the {dims} data; "
+            "the file is not in the format it claims"
+        )
     return np.frombuffer(data, dtype=dtype, count=int(np.prod(dims)), offset=offset).reshape(dims)
 
 
@@ -80,8 +84,10 @@ def parse_norb(data: bytes, path: Path) -> np.ndarray:
     if magic == NORB_PACKED:
         raise DataError(f"{path}: NORB 'packed matrix' (magic 0x{magic:08X}) is not supported")
     if magic not in NORB_TYPES:
-        raise DataError(f"{path}: bad magic 0x{magic:08X}: not a NORB binary matrix file "
-                        f"(expected one of {', '.join(f'0x{m:08X}' for m in NORB_TYPES)})")
+        raise DataError(
+            f"{path}: bad magic 0x{magic:08X}: not a NORB binary matrix file "
+            f"(expected one of {', '.join(f'0x{m:08X}' for m in NORB_TYPES)})"
+        )
     if not 0 <= ndim <= 64:
         raise DataError(f"{path}: implausible number of dimensions {ndim} in the header")
     header_dims = max(3, ndim)

@@ -69,8 +69,10 @@ class Manifest:
         """Path, URL or pipe: command of a shard; DataError if a local shard is a symbolic link."""
         url = join(self.location, shard.name)
         if not is_remote(self.location) and Path(url).is_symlink():
-            raise DataError(f"shard {url} is a symbolic link; capsdist reads only regular files inside the "
-                            f"dataset directory: prepare the dataset again ({self.prepare_command()})")
+            raise DataError(
+                f"shard {url} is a symbolic link; capsdist reads only regular files inside the "
+                f"dataset directory: prepare the dataset again ({self.prepare_command()})"
+            )
         return url
 
     def prepare_command(self) -> str:
@@ -109,26 +111,30 @@ def load_manifest(location: str | Path) -> Manifest:
     """Read `location`/manifest.json (local directory or URL); DataError with the prepare command."""
     location = str(location)
     guess = location.replace("{}", "").rstrip("/ -").rsplit("/", 1)[-1]
-    hint = prepare_command(guess if guess in ("smallnorb", "fashion-mnist", "mnist")
-                           else "<smallnorb|fashion-mnist|mnist>", location)
+    hint = prepare_command(
+        guess if guess in ("smallnorb", "fashion-mnist", "mnist") else "<smallnorb|fashion-mnist|mnist>", location
+    )
     try:
         with gopen(join(location, MANIFEST)) as f:
             raw = json.loads(f.read())
     except FileNotFoundError:
-        raise DataError(f"no {MANIFEST} in {location}: the dataset is not prepared (or its preparation "
-                        f"did not finish); run: {hint}") from None
+        raise DataError(
+            f"no {MANIFEST} in {location}: the dataset is not prepared (or its preparation did not finish); run: {hint}"
+        ) from None
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read {join(location, MANIFEST)} ({exc}); run: {hint}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         found = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
-        raise DataError(f"{join(location, MANIFEST)}: manifest format {found} is not "
-                        f"{FORMAT}; prepare the dataset again: {hint}")
+        raise DataError(
+            f"{join(location, MANIFEST)}: manifest format {found} is not {FORMAT}; prepare the dataset again: {hint}"
+        )
     try:
         return _parse(location, raw)
     except (KeyError, TypeError, ValueError) as exc:
         what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
-        raise DataError(f"{join(location, MANIFEST)}: malformed manifest ({what}); prepare the dataset "
-                        f"again: {hint}") from None
+        raise DataError(
+            f"{join(location, MANIFEST)}: malformed manifest ({what}); prepare the dataset again: {hint}"
+        ) from None
 
 
 def _parse(location: str, raw: dict) -> Manifest:
@@ -156,15 +162,19 @@ def _split(name: str, s: dict) -> SplitInfo:
     num_samples = _typed(s["num_samples"], int, f"{name}.num_samples")
     shards = []
     for shard in _typed(s["shards"], list, f"{name}.shards"):
-        info = ShardInfo(name=_typed(shard["name"], str, "shard name"),
-                         num_samples=_typed(shard["num_samples"], int, "shard num_samples"),
-                         first_index=_typed(shard["first_index"], int, "shard first_index"),
-                         sha256=_typed(shard["sha256"], str, "shard sha256"))
+        info = ShardInfo(
+            name=_typed(shard["name"], str, "shard name"),
+            num_samples=_typed(shard["num_samples"], int, "shard num_samples"),
+            first_index=_typed(shard["first_index"], int, "shard first_index"),
+            sha256=_typed(shard["sha256"], str, "shard sha256"),
+        )
         if not SHARD_NAME.match(info.name):
             raise ValueError(f"shard name {info.name!r} is not of the form <split>-NNNNNN.tar[.gz]")
         shards.append(info)
-    columns = {k: np.asarray(_typed(v, list, f"{name}.columns.{k}"), dtype=np.int64)
-               for k, v in _typed(s["columns"], dict, f"{name}.columns").items()}
+    columns = {
+        k: np.asarray(_typed(v, list, f"{name}.columns.{k}"), dtype=np.int64)
+        for k, v in _typed(s["columns"], dict, f"{name}.columns").items()
+    }
     for key, column in columns.items():
         if column.shape != (num_samples,):
             raise ValueError(f"{name}.columns.{key} has {len(column)} values for {num_samples} samples")

@@ -70,8 +70,14 @@ class Batch(NamedTuple):
 
 
 def _select(manifest: Manifest, opts: DataOptions, role: str) -> tuple[str, np.ndarray]:
-    return plans.select(manifest, role, val_strategy=opts.val_strategy, val_fraction=opts.val_fraction,
-                        viewpoint=opts.viewpoint, seed=opts.seed)
+    return plans.select(
+        manifest,
+        role,
+        val_strategy=opts.val_strategy,
+        val_fraction=opts.val_fraction,
+        viewpoint=opts.viewpoint,
+        seed=opts.seed,
+    )
 
 
 def steps_per_epoch(manifest: Manifest, opts: DataOptions, global_batch: int) -> int:
@@ -79,30 +85,63 @@ def steps_per_epoch(manifest: Manifest, opts: DataOptions, global_batch: int) ->
     return plans.train_steps(len(_select(manifest, opts, "train")[1]), 1, global_batch)
 
 
-def train_loader(manifest: Manifest, opts: DataOptions, *, epoch: int, rank: int, world_size: int,
-                 per_rank_batch: int, start_batch: int = 0) -> EpochLoader:
+def train_loader(
+    manifest: Manifest,
+    opts: DataOptions,
+    *,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    per_rank_batch: int,
+    start_batch: int = 0,
+) -> EpochLoader:
     """This rank's training batches of `epoch`: exactly steps_per_epoch of them, minus the first `start_batch`.
 
     Order and augmentation are a pure function of (seed, epoch, rank, world_size, num_workers):
     start_batch=k yields exactly batches k.. of the full epoch, reading but not decoding the first k.
     """
     split, indices = _select(manifest, opts, "train")
-    worker_plans = plans.train_plan(manifest, split, indices, seed=opts.seed, epoch=epoch, rank=rank,
-                                    world_size=world_size, num_workers=opts.num_workers,
-                                    per_rank_batch=per_rank_batch)
-    transform = SampleTransform(manifest.dataset, train=True, augment=opts.augment, channels=opts.channels,
-                                pad_crop=opts.pad_crop, seed=opts.seed, epoch=epoch)
-    stream = _Stream(manifest, split, worker_plans, transform, batch=per_rank_batch, train=True,
-                     shuffle=(opts.seed, epoch, rank, opts.shuffle_buffer), skip_corrupt=opts.skip_corrupt,
-                     start_batch=start_batch, shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels))
+    worker_plans = plans.train_plan(
+        manifest,
+        split,
+        indices,
+        seed=opts.seed,
+        epoch=epoch,
+        rank=rank,
+        world_size=world_size,
+        num_workers=opts.num_workers,
+        per_rank_batch=per_rank_batch,
+    )
+    transform = SampleTransform(
+        manifest.dataset,
+        train=True,
+        augment=opts.augment,
+        channels=opts.channels,
+        pad_crop=opts.pad_crop,
+        seed=opts.seed,
+        epoch=epoch,
+    )
+    stream = _Stream(
+        manifest,
+        split,
+        worker_plans,
+        transform,
+        batch=per_rank_batch,
+        train=True,
+        shuffle=(opts.seed, epoch, rank, opts.shuffle_buffer),
+        skip_corrupt=opts.skip_corrupt,
+        start_batch=start_batch,
+        shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels),
+    )
     total = sum(p.num_batches for p in worker_plans)
     if not 0 <= start_batch <= total:
         raise DataError(f"start_batch {start_batch} outside the epoch's 0..{total} batches")
     return EpochLoader(stream, opts.num_workers, total - start_batch, f"train epoch {epoch} rank {rank}")
 
 
-def eval_loader(manifest: Manifest, opts: DataOptions, split: str, *, rank: int, world_size: int,
-                per_rank_batch: int) -> EpochLoader:
+def eval_loader(
+    manifest: Manifest, opts: DataOptions, split: str, *, rank: int, world_size: int, per_rank_batch: int
+) -> EpochLoader:
     """This rank's share of split "val" or "test", in order; the same number of batches on every rank.
 
     Across ranks every selected sample appears exactly once with index >= 0; padding rows have
@@ -111,16 +150,35 @@ def eval_loader(manifest: Manifest, opts: DataOptions, split: str, *, rank: int,
     if split not in ("val", "test"):
         raise DataError(f"eval split {split!r}: expected 'val' or 'test'")
     if split == "val" and opts.val_strategy == "test":
-        log.warning("val_strategy=test: validation uses the TEST split, so model selection sees the test "
-                    "set and test accuracy is optimistic; use random or loio for an honest estimate")
+        log.warning(
+            "val_strategy=test: validation uses the TEST split, so model selection sees the test "
+            "set and test accuracy is optimistic; use random or loio for an honest estimate"
+        )
     source, indices = _select(manifest, opts, split)
-    worker_plans = plans.eval_plan(manifest, source, indices, rank=rank, world_size=world_size,
-                                   num_workers=opts.num_workers, per_rank_batch=per_rank_batch)
-    transform = SampleTransform(manifest.dataset, train=False, augment=False, channels=opts.channels,
-                                pad_crop=0, seed=opts.seed, epoch=0)
-    stream = _Stream(manifest, source, worker_plans, transform, batch=per_rank_batch, train=False,
-                     shuffle=None, skip_corrupt=opts.skip_corrupt, start_batch=0,
-                     shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels))
+    worker_plans = plans.eval_plan(
+        manifest,
+        source,
+        indices,
+        rank=rank,
+        world_size=world_size,
+        num_workers=opts.num_workers,
+        per_rank_batch=per_rank_batch,
+    )
+    transform = SampleTransform(
+        manifest.dataset, train=False, augment=False, channels=opts.channels, pad_crop=0, seed=opts.seed, epoch=0
+    )
+    stream = _Stream(
+        manifest,
+        source,
+        worker_plans,
+        transform,
+        batch=per_rank_batch,
+        train=False,
+        shuffle=None,
+        skip_corrupt=opts.skip_corrupt,
+        start_batch=0,
+        shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels),
+    )
     total = sum(p.num_batches for p in worker_plans)
     return EpochLoader(stream, opts.num_workers, total, f"{split} rank {rank}")
 
@@ -140,8 +198,13 @@ class EpochLoader:
     """
 
     def __init__(self, stream: IterableDataset, num_workers: int, num_batches: int, what: str):
-        self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                 pin_memory=torch.cuda.is_available(), worker_init_fn=_ignore_stop_signals)
+        self.loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=num_workers,
+            pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_stop_signals,
+        )
         self.num_batches = num_batches
         self.what = what
         self.skipped = 0
@@ -195,9 +258,20 @@ class _Corrupt(Exception):
 class _Stream(IterableDataset):
     """The batches of one rank; each DataLoader worker makes those of its own WorkerPlan."""
 
-    def __init__(self, manifest: Manifest, split: str, worker_plans: list[plans.WorkerPlan],
-                 transform: SampleTransform, *, batch: int, train: bool, shuffle: tuple | None, skip_corrupt: bool,
-                 start_batch: int, shape: tuple[int, int, int]):
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        worker_plans: list[plans.WorkerPlan],
+        transform: SampleTransform,
+        *,
+        batch: int,
+        train: bool,
+        shuffle: tuple | None,
+        skip_corrupt: bool,
+        start_batch: int,
+        shape: tuple[int, int, int],
+    ):
         self.manifest, self.split, self.plans, self.transform = manifest, split, worker_plans, transform
         self.batch, self.train, self.shuffle, self.skip_corrupt = batch, train, shuffle, skip_corrupt
         self.start_batch, self.shape = start_batch, shape
@@ -214,13 +288,21 @@ class _Stream(IterableDataset):
         for k in range(plan.num_batches):
             chunk = list(itertools.islice(records, self.batch))
             if k * num_workers + worker < self.start_batch:  # resuming: read past it, do not decode
-                yield Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                            self._take_skipped())
+                yield Batch(
+                    torch.empty(0),
+                    torch.empty(0, dtype=torch.long),
+                    torch.empty(0, dtype=torch.long),
+                    self._take_skipped(),
+                )
                 continue
             rows = [self._decode(r) for r in chunk] + [None] * (self.batch - len(chunk))
             recent = self._fill(rows, recent)
-            yield Batch(torch.stack([r[0] for r in rows]), torch.tensor([r[1] for r in rows]),
-                        torch.tensor([r[2] for r in rows]), self._take_skipped())
+            yield Batch(
+                torch.stack([r[0] for r in rows]),
+                torch.tensor([r[1] for r in rows]),
+                torch.tensor([r[2] for r in rows]),
+                self._take_skipped(),
+            )
         for _ in records:  # finish the last shard: its checksum is checked at its end
             pass
 
@@ -243,8 +325,10 @@ class _Stream(IterableDataset):
             elif pool:
                 rows[i] = pool[i % len(pool)]
             else:
-                raise DataError(f"{self.split}: no readable sample to fill a training batch (skip_corrupt); "
-                                f"prepare the dataset again: {self.manifest.prepare_command()}")
+                raise DataError(
+                    f"{self.split}: no readable sample to fill a training batch (skip_corrupt); "
+                    f"prepare the dataset again: {self.manifest.prepare_command()}"
+                )
         return pool
 
     def _decode(self, record: _Record):
@@ -259,8 +343,10 @@ class _Stream(IterableDataset):
                 raise _Corrupt(f"label {label}, the manifest says {expected}")
         except (KeyError, ValueError, OSError, Image.DecompressionBombError, _Corrupt) as exc:
             if not self.skip_corrupt:
-                raise DataError(f"corrupt sample {record.where}: {exc!r}; prepare the dataset again "
-                                f"({self.manifest.prepare_command()}) or set skip_corrupt") from None
+                raise DataError(
+                    f"corrupt sample {record.where}: {exc!r}; prepare the dataset again "
+                    f"({self.manifest.prepare_command()}) or set skip_corrupt"
+                ) from None
             self.skipped += 1
             return None
         return self.transform(images, record.index), label, record.index
@@ -269,8 +355,10 @@ class _Stream(IterableDataset):
         """uint8 (H, W) of one PNG member; _Corrupt unless it has the manifest's H and W (checked before decoding)."""
         image = Image.open(io.BytesIO(data))
         if image.size[::-1] != tuple(self.manifest.image_shape[1:]):
-            raise _Corrupt(f"image of {image.size[0]}x{image.size[1]} pixels, expected "
-                           f"{self.manifest.image_shape[2]}x{self.manifest.image_shape[1]}")
+            raise _Corrupt(
+                f"image of {image.size[0]}x{image.size[1]} pixels, expected "
+                f"{self.manifest.image_shape[2]}x{self.manifest.image_shape[1]}"
+            )
         return np.asarray(image.convert("L"))
 
     def _records(self, plan: plans.WorkerPlan) -> Iterator[_Record]:
@@ -285,8 +373,10 @@ class _Stream(IterableDataset):
                 yield record
             missing = len(wanted) - len(seen)
             if missing and not self.skip_corrupt:
-                raise DataError(f"shard {url} lacks {missing} of its samples (truncated?); prepare the dataset "
-                                f"again: {self.manifest.prepare_command()}")
+                raise DataError(
+                    f"shard {url} lacks {missing} of its samples (truncated?); prepare the dataset "
+                    f"again: {self.manifest.prepare_command()}"
+                )
             self.skipped += missing
 
     def _read_shard(self, url: str, sha256: str, wanted: set[int]) -> Iterator[_Record]:
@@ -312,15 +402,19 @@ class _Stream(IterableDataset):
                 stream.drain()
             if stream.hexdigest() != sha256:
                 if not self.skip_corrupt:
-                    raise DataError(f"shard {url} does not match its sha256 in the manifest (corrupt or changed); "
-                                    f"prepare the dataset again: {self.manifest.prepare_command()}")
+                    raise DataError(
+                        f"shard {url} does not match its sha256 in the manifest (corrupt or changed); "
+                        f"prepare the dataset again: {self.manifest.prepare_command()}"
+                    )
                 log.warning("shard %s does not match its sha256 in the manifest (corrupt or changed)", url)
         except FileNotFoundError:
             raise DataError(f"shard {url} not found; prepare the dataset: {self.manifest.prepare_command()}") from None
         except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             if not self.skip_corrupt:
-                raise DataError(f"shard {url} is corrupt or truncated at member {member}: {exc}; prepare the "
-                                f"dataset again: {self.manifest.prepare_command()}") from None
+                raise DataError(
+                    f"shard {url} is corrupt or truncated at member {member}: {exc}; prepare the "
+                    f"dataset again: {self.manifest.prepare_command()}"
+                ) from None
             log.warning("shard %s: corrupt or truncated at member %s (%s); skipping the rest", url, member, exc)
 
 

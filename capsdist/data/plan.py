@@ -42,8 +42,9 @@ class WorkerPlan:
     num_samples: int  # real samples to read (num_batches * batch for training; fewer when eval pads)
 
 
-def select(manifest: Manifest, role: str, *, val_strategy: str, val_fraction: float, viewpoint: str,
-           seed: int) -> tuple[str, np.ndarray]:
+def select(
+    manifest: Manifest, role: str, *, val_strategy: str, val_fraction: float, viewpoint: str, seed: int
+) -> tuple[str, np.ndarray]:
     """(split name, sorted int64 sample indices) used for `role` in {"train", "val", "test"}."""
     if role == "test" or (role == "val" and val_strategy == "test"):
         return "test", np.flatnonzero(_viewpoint_mask(manifest, "test", viewpoint, train=False))
@@ -58,8 +59,10 @@ def select(manifest: Manifest, role: str, *, val_strategy: str, val_fraction: fl
         return "train", candidates[held_out if role == "val" else ~held_out]
     n_val = round(val_fraction * len(candidates))
     if not 0 < n_val < len(candidates):
-        raise ConfigError(f"val_fraction {val_fraction} of {len(candidates)} training samples leaves an "
-                          "empty training or validation set")
+        raise ConfigError(
+            f"val_fraction {val_fraction} of {len(candidates)} training samples leaves an "
+            "empty training or validation set"
+        )
     val = np.random.default_rng([seed, _TAG_VAL]).choice(candidates, size=n_val, replace=False)
     chosen = np.isin(candidates, val)
     return "train", candidates[chosen if role == "val" else ~chosen]
@@ -93,13 +96,25 @@ def train_steps(num_selected: int, world_size: int, per_rank_batch: int) -> int:
     """Batches per rank and epoch: every rank the same, dropping fewer than world_size * per_rank_batch."""
     steps = num_selected // (world_size * per_rank_batch)
     if steps == 0:
-        raise DataError(f"{num_selected} training samples are fewer than one global batch of "
-                        f"{world_size} x {per_rank_batch}; lower the batch size")
+        raise DataError(
+            f"{num_selected} training samples are fewer than one global batch of "
+            f"{world_size} x {per_rank_batch}; lower the batch size"
+        )
     return steps
 
 
-def train_plan(manifest: Manifest, split: str, indices: np.ndarray, *, seed: int, epoch: int, rank: int,
-               world_size: int, num_workers: int, per_rank_batch: int) -> list[WorkerPlan]:
+def train_plan(
+    manifest: Manifest,
+    split: str,
+    indices: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    per_rank_batch: int,
+) -> list[WorkerPlan]:
     """One WorkerPlan per worker (at least one) of `rank` for training epoch `epoch`."""
     steps = train_steps(len(indices), world_size, per_rank_batch)
     info = manifest.splits[split]
@@ -109,7 +124,7 @@ def train_plan(manifest: Manifest, split: str, indices: np.ndarray, *, seed: int
     sequence = indices[np.lexsort((indices, position[shard_of]))]
     sequence = np.roll(sequence, -int(rng.integers(len(sequence))))
     per_rank = steps * per_rank_batch
-    mine = sequence[rank * per_rank:(rank + 1) * per_rank]
+    mine = sequence[rank * per_rank : (rank + 1) * per_rank]
     return _split_workers(info, mine, steps, num_workers, per_rank_batch)
 
 
@@ -118,11 +133,19 @@ def eval_steps(num_selected: int, world_size: int, per_rank_batch: int) -> int:
     return math.ceil(math.ceil(num_selected / world_size) / per_rank_batch)
 
 
-def eval_plan(manifest: Manifest, split: str, indices: np.ndarray, *, rank: int, world_size: int,
-              num_workers: int, per_rank_batch: int) -> list[WorkerPlan]:
+def eval_plan(
+    manifest: Manifest,
+    split: str,
+    indices: np.ndarray,
+    *,
+    rank: int,
+    world_size: int,
+    num_workers: int,
+    per_rank_batch: int,
+) -> list[WorkerPlan]:
     """One WorkerPlan per worker of `rank` covering its share of `indices` in order."""
     share = math.ceil(len(indices) / world_size)
-    mine = indices[rank * share:(rank + 1) * share]
+    mine = indices[rank * share : (rank + 1) * share]
     steps = eval_steps(len(indices), world_size, per_rank_batch)
     return _split_workers(manifest.splits[split], mine, steps, num_workers, per_rank_batch)
 
@@ -137,11 +160,14 @@ def _split_workers(info, mine: np.ndarray, steps: int, num_workers: int, batch: 
     """Cut a rank's samples into contiguous worker parts of (that worker's batches) * batch samples."""
     plans, start = [], 0
     for count in worker_batches(steps, max(1, num_workers)):
-        part = mine[start:start + count * batch]
+        part = mine[start : start + count * batch]
         start += count * batch
         shard_of = _shard_of(info, part)
         cuts = np.flatnonzero(np.diff(shard_of)) + 1
-        reads = tuple((int(run_shards[0]), run) for run_shards, run in
-                      zip(np.split(shard_of, cuts), np.split(part, cuts)) if len(run))
+        reads = tuple(
+            (int(run_shards[0]), run)
+            for run_shards, run in zip(np.split(shard_of, cuts), np.split(part, cuts))
+            if len(run)
+        )
         plans.append(WorkerPlan(reads=reads, num_batches=count, num_samples=len(part)))
     return plans

@@ -42,9 +42,17 @@ MARKER = ".prepare-incomplete"
 OUR_FILES = re.compile(r"^(\.tmp-)?[a-z]+-\d{6}\.tar(\.gz)?$|^\.tmp-manifest\.json$")
 
 
-def prepare(dataset: str, out: Path, *, source: Path | None = None, shard_size: int = 5000,
-            subset: dict[str, int] | None = None, compress: bool = False, cache: Path | None = None,
-            log: Callable[[str], None] = print) -> Manifest:
+def prepare(
+    dataset: str,
+    out: Path,
+    *,
+    source: Path | None = None,
+    shard_size: int = 5000,
+    subset: dict[str, int] | None = None,
+    compress: bool = False,
+    cache: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> Manifest:
     """Prepare `dataset` into `out` (or verify an existing complete preparation) and return its manifest.
 
     source: folder with the raw files (gzipped or not); None downloads them into `cache`
@@ -54,8 +62,9 @@ def prepare(dataset: str, out: Path, *, source: Path | None = None, shard_size: 
     out = Path(out)
     subset = subset or None
     if subset and not set(subset) <= set(ds.files):
-        raise DataError(f"--subset names unknown splits {sorted(set(subset) - set(ds.files))}; "
-                        f"{dataset} has {sorted(ds.files)}")
+        raise DataError(
+            f"--subset names unknown splits {sorted(set(subset) - set(ds.files))}; {dataset} has {sorted(ds.files)}"
+        )
     for split, n in (subset or {}).items():
         if n < 1:
             raise DataError(f"--subset {split}={n}: sizes must be at least 1")
@@ -64,8 +73,10 @@ def prepare(dataset: str, out: Path, *, source: Path | None = None, shard_size: 
     if (out / MANIFEST).exists():
         manifest = load_manifest(out)
         if manifest.dataset != dataset or manifest.subset != subset:
-            raise DataError(f"{out} already holds {manifest.dataset} (subset {manifest.subset}), not "
-                            f"{dataset} (subset {subset}); choose another --out, or delete {out} first")
+            raise DataError(
+                f"{out} already holds {manifest.dataset} (subset {manifest.subset}), not "
+                f"{dataset} (subset {subset}); choose another --out, or delete {out} first"
+            )
         verify(manifest)
         (out / MARKER).unlink(missing_ok=True)
         log(f"{out}: complete {dataset} dataset, every shard verified (sha256); nothing to do")
@@ -98,8 +109,10 @@ def prepare(dataset: str, out: Path, *, source: Path | None = None, shard_size: 
     }
     write_atomic(out / MANIFEST, manifest_json(raw_manifest).encode())
     (out / MARKER).unlink()
-    log(f"{out}: wrote " + ", ".join(f"{k} {v['num_samples']} samples in {len(v['shards'])} shards"
-                                    for k, v in splits.items()))
+    log(
+        f"{out}: wrote "
+        + ", ".join(f"{k} {v['num_samples']} samples in {len(v['shards'])} shards" for k, v in splits.items())
+    )
     return load_manifest(out)
 
 
@@ -128,8 +141,17 @@ def png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_split(out: Path, split: str, raw: RawSplit, order: np.ndarray, classes: tuple[str, ...],
-                 views: tuple[str, ...], shard_size: int, compress: bool, log: Callable[[str], None]) -> dict:
+def _write_split(
+    out: Path,
+    split: str,
+    raw: RawSplit,
+    order: np.ndarray,
+    classes: tuple[str, ...],
+    views: tuple[str, ...],
+    shard_size: int,
+    compress: bool,
+    log: Callable[[str], None],
+) -> dict:
     """Write one split's shards (temporary names renamed when each is complete); its manifest entry."""
     suffix = ".tar.gz" if compress else ".tar"
     shards: list[dict] = []
@@ -150,12 +172,26 @@ def _write_split(out: Path, split: str, raw: RawSplit, order: np.ndarray, classe
             os.fsync(f.fileno())
         os.replace(tmp, final)
         first = shards[-1]["first_index"] + shards[-1]["num_samples"] if shards else 0
-        shards.append({"name": final.name, "num_samples": written - first, "first_index": first,
-                       "sha256": hashlib.sha256(data).hexdigest()})
+        shards.append(
+            {
+                "name": final.name,
+                "num_samples": written - first,
+                "first_index": first,
+                "sha256": hashlib.sha256(data).hexdigest(),
+            }
+        )
 
     pattern = str(out / f".tmp-{split}-%06d{suffix}")
-    with ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), post=finish, opener=open_shard,
-                     verbose=0, encoder=False, mtime=0) as writer:
+    with ShardWriter(
+        pattern,
+        maxcount=shard_size,
+        maxsize=float("inf"),
+        post=finish,
+        opener=open_shard,
+        verbose=0,
+        encoder=False,
+        mtime=0,
+    ) as writer:
         for index, src in enumerate(tqdm(order, desc=f"{split} shards", unit="sample", mininterval=2)):
             label = int(raw.labels[src])
             meta = {"index": index, "source_index": int(src), "label": label, "class": classes[label]}
@@ -176,11 +212,14 @@ def verify(manifest: Manifest) -> None:
         for shard in split.shards:
             path = Path(manifest.url(shard))
             if not path.is_file():
-                raise DataError(f"shard {path} is missing; delete {manifest.location} and run: "
-                                f"{manifest.prepare_command()}")
+                raise DataError(
+                    f"shard {path} is missing; delete {manifest.location} and run: {manifest.prepare_command()}"
+                )
             if sha256_file(path) != shard.sha256:
-                raise DataError(f"shard {path} does not match its sha256 in the manifest (corrupt or "
-                                f"changed); delete {manifest.location} and run: {manifest.prepare_command()}")
+                raise DataError(
+                    f"shard {path} does not match its sha256 in the manifest (corrupt or "
+                    f"changed); delete {manifest.location} and run: {manifest.prepare_command()}"
+                )
 
 
 def _clear_leftovers(out: Path) -> None:
@@ -188,8 +227,10 @@ def _clear_leftovers(out: Path) -> None:
     ours = [p for p in out.iterdir() if OUR_FILES.match(p.name)]
     if not (out / MARKER).exists():
         if ours:
-            raise DataError(f"{out} holds shard files ({ours[0].name}, ...) but no {MANIFEST} and no sign "
-                            "of an unfinished capsdist preparation; delete them or choose another --out")
+            raise DataError(
+                f"{out} holds shard files ({ours[0].name}, ...) but no {MANIFEST} and no sign "
+                "of an unfinished capsdist preparation; delete them or choose another --out"
+            )
         return
     for path in ours:
         path.unlink()

@@ -53,28 +53,46 @@ DATASETS: dict[str, DatasetSpec] = {
         image_size=(96, 96),
         metadata=("instance", "elevation", "azimuth", "lighting"),
         files={
-            "train": {"images": (NORB_TRAIN + "dat.mat", "8138a0902307b32dfa0025a36dfa45ec"),
-                      "labels": (NORB_TRAIN + "cat.mat", "fd5120d3f770ad57ebe620eb61a0b633"),
-                      "info": (NORB_TRAIN + "info.mat", "19faee774120001fc7e17980d6960451")},
-            "test": {"images": (NORB_TEST + "dat.mat", "e9920b7f7b2869a8f1a12e945b2c166c"),
-                     "labels": (NORB_TEST + "cat.mat", "fd5120d3f770ad57ebe620eb61a0b633"),
-                     "info": (NORB_TEST + "info.mat", "7c5b871cc69dcadec1bf6a18141f5edc")},
+            "train": {
+                "images": (NORB_TRAIN + "dat.mat", "8138a0902307b32dfa0025a36dfa45ec"),
+                "labels": (NORB_TRAIN + "cat.mat", "fd5120d3f770ad57ebe620eb61a0b633"),
+                "info": (NORB_TRAIN + "info.mat", "19faee774120001fc7e17980d6960451"),
+            },
+            "test": {
+                "images": (NORB_TEST + "dat.mat", "e9920b7f7b2869a8f1a12e945b2c166c"),
+                "labels": (NORB_TEST + "cat.mat", "fd5120d3f770ad57ebe620eb61a0b633"),
+                "info": (NORB_TEST + "info.mat", "7c5b871cc69dcadec1bf6a18141f5edc"),
+            },
         },
         parser="norb",
         download="norb",
     ),
     "fashion-mnist": DatasetSpec(
         name="fashion-mnist",
-        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        classes=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),
         views=("image",),
         image_size=(28, 28),
         metadata=(),
         files={
-            "train": {"images": ("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-                      "labels": ("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9")},
-            "test": {"images": ("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
-                     "labels": ("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965")},
+            "train": {
+                "images": ("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+                "labels": ("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9"),
+            },
+            "test": {
+                "images": ("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
+                "labels": ("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965"),
+            },
         },
         parser="idx",
         download="FashionMNIST",
@@ -86,10 +104,14 @@ DATASETS: dict[str, DatasetSpec] = {
         image_size=(28, 28),
         metadata=(),
         files={
-            "train": {"images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
-                      "labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624")},
-            "test": {"images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
-                     "labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637")},
+            "train": {
+                "images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
+                "labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
+            },
+            "test": {
+                "images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+                "labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
+            },
         },
         parser="idx",
         download="MNIST",
@@ -122,8 +144,10 @@ def locate(name: str, source: Path) -> dict[str, Path]:
             candidates = [source / fname, source / (fname + ".gz")]
             path = next((p for p in candidates if p.is_file()), None)
             if path is None:
-                raise DataError(f"{name}: {fname}[.gz] not found in {source}; put the official files "
-                                "there, or leave out --source to download them")
+                raise DataError(
+                    f"{name}: {fname}[.gz] not found in {source}; put the official files "
+                    "there, or leave out --source to download them"
+                )
             found[fname] = path
     return found
 
@@ -143,8 +167,10 @@ def fetch(name: str, cache: Path) -> dict[str, Path]:
             print(f"capsdist: {path} in the download cache is corrupt; downloading it again")
             for twin in {path, path.with_name(path.name.removesuffix(".gz")), path.with_name(path.name + ".gz")}:
                 twin.unlink(missing_ok=True)
-    raise DataError(f"{corrupt[0]}: still corrupt after downloading it again; check the network or mirror, "
-                    "or fetch the files yourself and pass their folder as --source")
+    raise DataError(
+        f"{corrupt[0]}: still corrupt after downloading it again; check the network or mirror, "
+        "or fetch the files yourself and pass their folder as --source"
+    )
 
 
 def _matches(path: Path, md5: str) -> bool:
@@ -172,8 +198,10 @@ def _download(name: str, cache: Path) -> dict[str, Path]:
     try:
         getattr(torchvision.datasets, ds.download)(root=str(cache), download=True)
     except (OSError, RuntimeError, urllib.error.URLError) as exc:
-        raise DataError(f"{name}: download through torchvision failed ({exc}); fetch the IDX files "
-                        "yourself and pass their folder as --source") from None
+        raise DataError(
+            f"{name}: download through torchvision failed ({exc}); fetch the IDX files "
+            "yourself and pass their folder as --source"
+        ) from None
     return locate(name, cache / ds.download / "raw")
 
 
@@ -187,9 +215,10 @@ def download(url: str, target: Path, chunk: int = 1 << 20) -> None:
             if have and response.status != 206:  # server ignored the range: start over
                 have = 0
             total = int(response.headers.get("Content-Length", 0)) + have or None
-            with open(part, "ab" if have else "wb") as out, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=target.name
-            ) as bar:
+            with (
+                open(part, "ab" if have else "wb") as out,
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=target.name) as bar,
+            ):
                 while block := response.read(chunk):
                     out.write(block)
                     bar.update(len(block))
@@ -208,8 +237,10 @@ def _read_verified(path: Path, md5: str) -> tuple[bytes, dict[str, str]]:
     data = read_bytes(path)
     got = hashlib.md5(data).hexdigest()
     if got != md5:
-        raise DataError(f"{path}: checksum mismatch: content md5 {got}, official {md5}; the file is "
-                        "corrupt or not the official release; download it again")
+        raise DataError(
+            f"{path}: checksum mismatch: content md5 {got}, official {md5}; the file is "
+            "corrupt or not the official release; download it again"
+        )
     return data, {"md5": got, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
@@ -242,6 +273,8 @@ def load_split(name: str, files: dict[str, Path], split: str) -> RawSplit:
 def _check_shape(files: dict[str, Path], fname: str, array: np.ndarray, shape: tuple, dtype) -> None:
     """DataError naming the file when `array` does not have `shape` (and `dtype` if given)."""
     if array.shape != shape or (dtype is not None and array.dtype != dtype):
-        raise DataError(f"{files[fname]}: shape {array.shape} {array.dtype}, expected {shape}"
-                        f"{' ' + np.dtype(dtype).name if dtype is not None else ''} "
-                        "(consistent with the other files of the split)")
+        raise DataError(
+            f"{files[fname]}: shape {array.shape} {array.dtype}, expected {shape}"
+            f"{' ' + np.dtype(dtype).name if dtype is not None else ''} "
+            "(consistent with the other files of the split)"
+        )

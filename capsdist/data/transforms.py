@@ -1,8 +1,8 @@
 """Per-sample transforms: stored uint8 views (V, H, W) -> float32 model input (C, h, w).
 
-smallNORB (the paper and the TensorFlow implementation): views (2, 96, 96) -> both or only the left view -> bilinear resize to
-48x48 -> per-image standardization -> training: random 32x32 crop, random brightness (delta uniform in
-[-0.4, 0.4]), random contrast (factor uniform in [0, 3], around each channel's mean, like
+smallNORB (the paper and the TensorFlow implementation): views (2, 96, 96) -> both or only the left view ->
+bilinear resize to 48x48 -> per-image standardization -> training: random 32x32 crop, random brightness (delta
+uniform in [-0.4, 0.4]), random contrast (factor uniform in [0, 3], around each channel's mean, like
 tf.image.random_contrast(0, 3)); evaluation: centre 32x32 crop. Output (2 or 1, 32, 32).
 MNIST-likes: (1, 28, 28) -> training with pad_crop N: zero-pad by N, random 28x28 crop ->
 per-image standardization. Output (1, 28, 28).

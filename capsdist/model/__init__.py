@@ -5,5 +5,16 @@ from capsdist.model.cnn import CNN_PRESETS, BaselineCNN
 from capsdist.model.registry import MODEL_SIZES, build_model
 from capsdist.model.routing import PAPER, RECIPE, RoutingSettings, em_routing
 
-__all__ = ["BaselineCNN", "CNN_PRESETS", "CapsNet", "INITS", "MODEL_SIZES", "PAPER", "PRESETS", "RECIPE",
-           "RoutingSettings", "build_model", "em_routing"]
+__all__ = [
+    "BaselineCNN",
+    "CNN_PRESETS",
+    "CapsNet",
+    "INITS",
+    "MODEL_SIZES",
+    "PAPER",
+    "PRESETS",
+    "RECIPE",
+    "RoutingSettings",
+    "build_model",
+    "em_routing",
+]

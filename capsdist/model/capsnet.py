@@ -31,21 +31,35 @@ class CapsNet(nn.Module):
     recipe (routing.RECIPE). The class layer routes with final_lambda * routing.class_lambda_scale.
     """
 
-    def __init__(self, *, A: int, B: int, C: int, D: int, num_classes: int, in_channels: int = 1,
-                 input_size: int = 32, routing: RoutingSettings = PAPER, coord_add: bool = True,
-                 init: str = "gritzman", routing_checkpoint: bool = False):
+    def __init__(
+        self,
+        *,
+        A: int,
+        B: int,
+        C: int,
+        D: int,
+        num_classes: int,
+        in_channels: int = 1,
+        input_size: int = 32,
+        routing: RoutingSettings = PAPER,
+        coord_add: bool = True,
+        init: str = "gritzman",
+        routing_checkpoint: bool = False,
+    ):
         super().__init__()
         if init not in INITS:
             raise ValueError(f"unknown init {init!r}: choose one of {INITS}")
-        class_routing = dataclasses.replace(routing, final_lambda=routing.final_lambda * routing.class_lambda_scale,
-                                            class_lambda_scale=1.0)
+        class_routing = dataclasses.replace(
+            routing, final_lambda=routing.final_lambda * routing.class_lambda_scale, class_lambda_scale=1.0
+        )
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2)
         self.primary_caps = PrimaryCaps(A, B)
         self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing, checkpoint=routing_checkpoint)
         self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing, checkpoint=routing_checkpoint)
-        self.class_caps = ClassCaps(D, num_classes, routing=class_routing, coord_add=coord_add,
-                                    checkpoint=routing_checkpoint)
+        self.class_caps = ClassCaps(
+            D, num_classes, routing=class_routing, coord_add=coord_add, checkpoint=routing_checkpoint
+        )
         if init == "authors":
             self._init_as_authors()
         # Receptive-field centre of a position j in input pixels is a * j + b; start from pixel centres.
@@ -63,12 +77,18 @@ class CapsNet(nn.Module):
         0.1; primary poses std 0.5; primary activations std 3 with bias -1 (their sigmoid(x - 1), here a
         learnable bias); ConvCaps W std 0.3, beta_u = beta_a = 0.5; ClassCaps W std 0.01, beta_a 1, beta_u 2.
         Their activation formula differs from capsdist's, so this is an ablation, not a transfer."""
-        for conv, std, bias in ((self.relu_conv.conv, 0.05, 0.1), (self.primary_caps.pose, 0.5, 0.0),
-                                (self.primary_caps.activation, 3.0, -1.0)):
+        for conv, std, bias in (
+            (self.relu_conv.conv, 0.05, 0.1),
+            (self.primary_caps.pose, 0.5, 0.0),
+            (self.primary_caps.activation, 3.0, -1.0),
+        ):
             conv.weight.normal_(0.0, std)
             conv.bias.fill_(bias)
-        for layer, std, beta_u, beta_a in ((self.conv_caps1, 0.3, 0.5, 0.5), (self.conv_caps2, 0.3, 0.5, 0.5),
-                                           (self.class_caps, 0.01, 2.0, 1.0)):
+        for layer, std, beta_u, beta_a in (
+            (self.conv_caps1, 0.3, 0.5, 0.5),
+            (self.conv_caps2, 0.3, 0.5, 0.5),
+            (self.class_caps, 0.01, 2.0, 1.0),
+        ):
             layer.weight.normal_(0.0, std)
             layer.beta_u.fill_(beta_u)
             layer.beta_a.fill_(beta_a)
@@ -81,16 +101,23 @@ class CapsNet(nn.Module):
         return cls(**PRESETS[preset], **kwargs)
 
     def capsule_layers(self) -> dict[str, nn.Module]:
-        return {"primarycaps": self.primary_caps, "convcaps1": self.conv_caps1, "convcaps2": self.conv_caps2,
-                "classcaps": self.class_caps}
+        return {
+            "primarycaps": self.primary_caps,
+            "convcaps1": self.conv_caps1,
+            "convcaps2": self.conv_caps2,
+            "classcaps": self.class_caps,
+        }
 
     def health_stats(self) -> dict[str, dict[str, float]]:
         """Per capsule layer, from the last forward: mean activation, dead_fraction (capsules below 0.01 on every
         image), saturated_fraction (activations above 0.99) and, for routing layers, the mean assignment entropy
         (nats). Reads the values on the host: call it on log steps only. With routing.checkpoint the routing
         layers' statistics are those of the last chunk of images."""
-        return {name: {key: float(value) for key, value in layer.last_stats.items()}
-                for name, layer in self.capsule_layers().items() if layer.last_stats}
+        return {
+            name: {key: float(value) for key, value in layer.last_stats.items()}
+            for name, layer in self.capsule_layers().items()
+            if layer.last_stats
+        }
 
     def forward(self, images: torch.Tensor, return_poses: bool = False):
         if images.dim() != 4 or images.shape[1] != self.in_channels:

@@ -32,8 +32,16 @@ class BaselineCNN(nn.Module):
     forward(images (N, C, S, S)) -> class probabilities (N, classes).
     """
 
-    def __init__(self, *, num_classes: int, in_channels: int = 1, input_size: int = 32, channels2: int = 64,
-                 hidden: int = 1024, dropout: float = 0.5):
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        in_channels: int = 1,
+        input_size: int = 32,
+        channels2: int = 64,
+        hidden: int = 1024,
+        dropout: float = 0.5,
+    ):
         super().__init__()
         if input_size < 4:
             raise ValueError(f"input size {input_size} is too small for the baseline CNN: use at least 4x4")

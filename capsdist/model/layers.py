@@ -47,9 +47,11 @@ def activation_stats(a: torch.Tensor) -> dict[str, torch.Tensor]:
     """Health of one layer's activations a (N, capsules) in (0, 1), capsules = types x positions:
     mean activation, fraction of dead capsules (below DEAD_BELOW on every image) and fraction of saturated
     activations (above SATURATED_ABOVE). Scalar tensors, no host synchronisation."""
-    return {"mean_activation": a.mean(),
-            "dead_fraction": (a.amax(dim=0) < DEAD_BELOW).float().mean(),
-            "saturated_fraction": (a > SATURATED_ABOVE).float().mean()}
+    return {
+        "mean_activation": a.mean(),
+        "dead_fraction": (a.amax(dim=0) < DEAD_BELOW).float().mean(),
+        "saturated_fraction": (a > SATURATED_ABOVE).float().mean(),
+    }
 
 
 class CapsuleLayer(nn.Module):
@@ -80,8 +82,10 @@ class CapsuleLayer(nn.Module):
         if not (self.checkpoint and torch.is_grad_enabled()):
             return self.route_capsules(poses, activations)
         size = -(-poses.shape[0] // self.CHECKPOINT_CHUNKS)
-        outputs = [checkpoint(self.route_capsules, p, a, use_reentrant=False)
-                   for p, a in zip(poses.split(size), activations.split(size))]
+        outputs = [
+            checkpoint(self.route_capsules, p, a, use_reentrant=False)
+            for p, a in zip(poses.split(size), activations.split(size))
+        ]
         return tuple(torch.cat(parts) for parts in zip(*outputs))
 
     def extra_repr(self) -> str:
@@ -97,8 +101,10 @@ class CapsuleLayer(nn.Module):
         a_out (N', O) with N' = images * parent positions; entropy_per_child: assignment entropy (nats) of
         every child. See `activation_stats` for the activation statistics.
         """
-        self.last_stats = {**activation_stats(a_out.detach().reshape(images, -1)),
-                           "assignment_entropy": entropy_per_child.detach().mean()}
+        self.last_stats = {
+            **activation_stats(a_out.detach().reshape(images, -1)),
+            "assignment_entropy": entropy_per_child.detach().mean(),
+        }
 
 
 class ReLUConv(nn.Module):
@@ -152,8 +158,15 @@ class ConvCaps(CapsuleLayer):
     initial assignments are uniform over that whole set.
     """
 
-    def __init__(self, in_types: int, out_types: int, kernel: int, stride: int, routing: RoutingSettings,
-                 checkpoint: bool = False):
+    def __init__(
+        self,
+        in_types: int,
+        out_types: int,
+        kernel: int,
+        stride: int,
+        routing: RoutingSettings,
+        checkpoint: bool = False,
+    ):
         super().__init__(out_types, routing, checkpoint)
         self.in_types, self.kernel, self.stride = in_types, kernel, stride
         self.weight = nn.Parameter(torch.randn(kernel * kernel, in_types, out_types, 4, 4) * WEIGHT_STD)
@@ -214,8 +227,10 @@ class ConvCaps(CapsuleLayer):
         o = self.out_types
         out = (self.output_size(h), self.output_size(w))
         if min(out) < 1:
-            raise ValueError(f"ConvCaps with kernel {self.kernel} needs an input of at least {self.kernel}x"
-                             f"{self.kernel}, got {h}x{w}: use a larger input size or fewer layers")
+            raise ValueError(
+                f"ConvCaps with kernel {self.kernel} needs an input of at least {self.kernel}x"
+                f"{self.kernel}, got {h}x{w}: use a larger input size or fewer layers"
+            )
         V = self.votes(poses)  # (N', O, I, P)
         a_in = self._to_routing(self._unfold(activations))  # (N', I)
         ones = torch.ones(1, 1, h, w, dtype=routing_dtype(V), device=poses.device)  # float32 also under autocast
@@ -256,8 +271,9 @@ class ClassCaps(CapsuleLayer):
     scales it to [0, 1].
     """
 
-    def __init__(self, in_types: int, classes: int, routing: RoutingSettings, coord_add: bool = True,
-                 checkpoint: bool = False):
+    def __init__(
+        self, in_types: int, classes: int, routing: RoutingSettings, coord_add: bool = True, checkpoint: bool = False
+    ):
         super().__init__(classes, routing, checkpoint)
         self.in_types, self.coord_add = in_types, coord_add
         self.weight = nn.Parameter(torch.randn(in_types, classes, 4, 4) * WEIGHT_STD)

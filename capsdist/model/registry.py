@@ -24,10 +24,18 @@ def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: in
     ignore them. Returns a module mapping images (N, C, S, S) to class activations (N, num_classes).
     """
     if model_cfg.size in CNN_PRESETS:
-        return BaselineCNN.from_preset(model_cfg.size, num_classes=num_classes, in_channels=in_channels,
-                                       input_size=input_size)
+        return BaselineCNN.from_preset(
+            model_cfg.size, num_classes=num_classes, in_channels=in_channels, input_size=input_size
+        )
     widths = {k: getattr(model_cfg, k) or v for k, v in PRESETS[model_cfg.size].items()}
     routing = RoutingSettings(**{f.name: getattr(model_cfg, f.name) for f in dataclasses.fields(RoutingSettings)})
-    return CapsNet(**widths, num_classes=num_classes, in_channels=in_channels, input_size=input_size,
-                   routing=routing, coord_add=model_cfg.coord_add, init=model_cfg.init,
-                   routing_checkpoint=model_cfg.routing_checkpoint)
+    return CapsNet(
+        **widths,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_size=input_size,
+        routing=routing,
+        coord_add=model_cfg.coord_add,
+        init=model_cfg.init,
+        routing_checkpoint=model_cfg.routing_checkpoint,
+    )

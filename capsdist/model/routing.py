@@ -134,8 +134,16 @@ def inverse_temperatures(iterations: int, final_lambda: float) -> list[float]:
     return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
 
 
-def m_step(votes: TapedVotes | PlainVotes, log_R: torch.Tensor, a_scaled: torch.Tensor, beta_u: torch.Tensor,
-           beta_a: torch.Tensor, lam: float, settings: RoutingSettings, mu_before: torch.Tensor | None) -> Parents:
+def m_step(
+    votes: TapedVotes | PlainVotes,
+    log_R: torch.Tensor,
+    a_scaled: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    lam: float,
+    settings: RoutingSettings,
+    mu_before: torch.Tensor | None,
+) -> Parents:
     """Procedure 1's M-step: the parents' Gaussians and activations from the assignments.
 
     log_R (N', O, I) log assignments; a_scaled (N', 1, I) child activations times the data scale (pitfall 2);
@@ -170,8 +178,15 @@ def e_step(votes: TapedVotes | PlainVotes, parents: Parents, normalise: Normalis
     return normalise(log_p / temperature + F.logsigmoid(logit).unsqueeze(-1))
 
 
-def route(V: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tensor, beta_a: torch.Tensor, log_R0: torch.Tensor,
-          normalise: Normaliser, settings: RoutingSettings) -> RoutingResult:
+def route(
+    V: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    log_R0: torch.Tensor,
+    normalise: Normaliser,
+    settings: RoutingSettings,
+) -> RoutingResult:
     """EM routing in the internal layout. Runs in float32 (float64 if given) whatever the autocast state.
 
     V (N', O, I, P) votes in any strides and float dtype (read once to centre, once to build VV, never copied);
@@ -195,16 +210,23 @@ def route(V: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tensor, beta_a: tor
         log_R, parents = log_R0, None
         lambdas = inverse_temperatures(settings.iterations, settings.final_lambda)
         for t, lam in enumerate(lambdas):
-            parents = m_step(votes, log_R, a_scaled, beta_u, beta_a, lam, settings,
-                             None if parents is None else parents.mu)
+            parents = m_step(
+                votes, log_R, a_scaled, beta_u, beta_a, lam, settings, None if parents is None else parents.mu
+            )
             if t < len(lambdas) - 1:
                 log_R = e_step(votes, parents, normalise, settings.estep_temperature)
         poses = parents.mu + centre
     return RoutingResult(poses, torch.sigmoid(parents.logit), log_R)
 
 
-def em_routing(votes: torch.Tensor, a_in: torch.Tensor, beta_u: torch.Tensor, beta_a: torch.Tensor,
-               settings: RoutingSettings = PAPER, **changes) -> tuple[torch.Tensor, torch.Tensor]:
+def em_routing(
+    votes: torch.Tensor,
+    a_in: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    settings: RoutingSettings = PAPER,
+    **changes,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fully connected EM routing, the public functional form.
 
     votes (N, I, O, P) with P = 16; a_in (N, I); beta_u, beta_a (O,). `settings` (the paper's by default),

@@ -93,7 +93,6 @@ class TrainState:
             setattr(self, f.name, value)
 
 
-
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -117,8 +116,11 @@ def verify(path: Path) -> str | None:
     if not path.is_dir():
         return "not a directory"
     if not (path / META).is_file():
-        legacy = " (it holds pickled state from an older capsdist, which is never loaded)" \
-            if (path / "custom_checkpoint_0.pkl").exists() else ""
+        legacy = (
+            " (it holds pickled state from an older capsdist, which is never loaded)"
+            if (path / "custom_checkpoint_0.pkl").exists()
+            else ""
+        )
         return f"no {META}{legacy}"
     try:
         meta = json.loads((path / META).read_text())
@@ -166,8 +168,10 @@ def resolve(run_dir: str | Path, which: str) -> Path:
         path = Path(which)
     problem = verify(path)
     if problem is not None:
-        raise CheckpointError(f"{path}: not a usable checkpoint: {problem}; choose another checkpoint "
-                              "(--resume auto takes the newest one that verifies)")
+        raise CheckpointError(
+            f"{path}: not a usable checkpoint: {problem}; choose another checkpoint "
+            "(--resume auto takes the newest one that verifies)"
+        )
     return path
 
 
@@ -214,10 +218,17 @@ def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, keep_
         (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict()}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p, fsync=True)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        write_atomic(tmp / META, json.dumps({"format": STATE_VERSION, "world_size": accelerator.num_processes,
-                                             "files": files}, indent=1).encode())
+        files = {
+            p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p, fsync=True)}
+            for p in sorted(tmp.iterdir())
+            if p.is_file()
+        }
+        write_atomic(
+            tmp / META,
+            json.dumps(
+                {"format": STATE_VERSION, "world_size": accelerator.num_processes, "files": files}, indent=1
+            ).encode(),
+        )
         _replace(tmp, final)
         keep = set(step_checkpoints(run_dir)[-keep_last:])
         for _, old in step_dirs(run_dir):
@@ -258,8 +269,12 @@ def abandon_newer(accelerator: Accelerator, run_dir: str | Path, state: TrainSta
             for path in newer:
                 path.rename(target / path.name)
             fsync_dir(root)
-            log.warning("resuming at step %d: moved the newer checkpoints %s to %s", state.step,
-                        ", ".join(p.name for p in newer), target)
+            log.warning(
+                "resuming at step %d: moved the newer checkpoints %s to %s",
+                state.step,
+                ", ".join(p.name for p in newer),
+                target,
+            )
             decision = [str(target), best in newer]
     folder, best_moved = broadcast_object_list(decision)
     if best_moved:  # every rank must agree on when `best` improves (copy_to_best waits for all)
@@ -322,9 +337,11 @@ def load(accelerator: Accelerator, path: Path) -> TrainState:
     try:
         accelerator.load_state(str(path))
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused to load: a file holds pickled objects, not plain tensors and "
-                              f"numbers, so loading it could run code ({str(err).splitlines()[0]}); "
-                              "use a checkpoint written by capsdist") from None
+        raise CheckpointError(
+            f"{path}: refused to load: a file holds pickled objects, not plain tensors and "
+            f"numbers, so loading it could run code ({str(err).splitlines()[0]}); "
+            "use a checkpoint written by capsdist"
+        ) from None
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
         raise CheckpointError(f"{path}: cannot load checkpoint ({err}); does it match this config?") from err
     rng_file = path / f"random_states_{accelerator.process_index}.pkl"

@@ -15,8 +15,15 @@ from accelerate.utils import gather_object
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: torch.nn.Module, loader, loss_fn, step: int,
-             num_classes: int, keep_misclassified: int = 0) -> dict:
+def evaluate(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader,
+    loss_fn,
+    step: int,
+    num_classes: int,
+    keep_misclassified: int = 0,
+) -> dict:
     """Evaluate `model` on the batches of `loader` (this rank's share) and combine across ranks.
 
     Returns {"accuracy", "loss", "count", "per_class_accuracy" (K,), "confusion" (K x K, rows = true

@@ -41,8 +41,10 @@ class ClassHealthMonitor:
 
     def update(self, class_stats: dict[str, float], step: int) -> None:
         """class_stats: the class layer's health statistics at global `step` (dead_fraction, saturated_fraction)."""
-        state = {"dead": class_stats.get("dead_fraction", 0.0) >= 1.0,
-                 "saturated": class_stats.get("saturated_fraction", 0.0) >= 1.0}
+        state = {
+            "dead": class_stats.get("dead_fraction", 0.0) >= 1.0,
+            "saturated": class_stats.get("saturated_fraction", 0.0) >= 1.0,
+        }
         for kind, bad in state.items():
             if not bad:
                 if self._warned[kind]:
@@ -53,8 +55,16 @@ class ClassHealthMonitor:
                 self._since[kind] = step
             if not self._warned[kind] and step - self._since[kind] >= self.patience:
                 self._warned[kind] = True
-                hint = ("activations below 0.01 on every image: lower optim.lr or model.final_lambda" if kind == "dead"
-                        else "activations above 0.99 on every image, where the logistic is flat: lower "
-                             "model.final_lambda or optim.lr")
-                log.warning("step %d: the class capsules have been all %s for %d steps (%s)", step, kind,
-                            step - self._since[kind], hint)
+                hint = (
+                    "activations below 0.01 on every image: lower optim.lr or model.final_lambda"
+                    if kind == "dead"
+                    else "activations above 0.99 on every image, where the logistic is flat: lower "
+                    "model.final_lambda or optim.lr"
+                )
+                log.warning(
+                    "step %d: the class capsules have been all %s for %d steps (%s)",
+                    step,
+                    kind,
+                    step - self._since[kind],
+                    hint,
+                )

@@ -96,13 +96,19 @@ class Tracker:
         confusion = np.asarray(result["confusion"])  # (K, K), rows = true class
         true, pred = np.nonzero(confusion)
         counts = confusion[true, pred]
-        media = {f"{split}/confusion_matrix": wandb.plot.confusion_matrix(
-            y_true=np.repeat(true, counts).tolist(), preds=np.repeat(pred, counts).tolist(), class_names=class_names,
-            title=f"{split} confusion matrix")}
+        media = {
+            f"{split}/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=np.repeat(true, counts).tolist(),
+                preds=np.repeat(pred, counts).tolist(),
+                class_names=class_names,
+                title=f"{split} confusion matrix",
+            )
+        }
         if result["misclassified"]:
             media[f"{split}/misclassified"] = [
                 wandb.Image(_to_image(img), caption=f"true {class_names[t]}, predicted {class_names[p]}")
-                for img, t, p in result["misclassified"]]
+                for img, t, p in result["misclassified"]
+            ]
         self.accelerator.log(media, step=step)
 
     def finish(self) -> None:

@@ -51,17 +51,23 @@ class Trainer:
         log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
         self.world = acc.num_processes
         if cfg.train.batch_size % self.world:
-            raise ConfigError(f"{source}: train.batch_size: {cfg.train.batch_size} is not divisible by the "
-                              f"{self.world} processes; use a multiple of {self.world}")
+            raise ConfigError(
+                f"{source}: train.batch_size: {cfg.train.batch_size} is not divisible by the "
+                f"{self.world} processes; use a multiple of {self.world}"
+            )
         eval_batch = cfg.eval.batch_size or cfg.train.batch_size
         if eval_batch % self.world:
-            raise ConfigError(f"{source}: eval.batch_size: {eval_batch} is not divisible by the "
-                              f"{self.world} processes; use a multiple of {self.world}")
+            raise ConfigError(
+                f"{source}: eval.batch_size: {eval_batch} is not divisible by the "
+                f"{self.world} processes; use a multiple of {self.world}"
+            )
         self.per_rank_batch, self.eval_per_rank = cfg.train.batch_size // self.world, eval_batch // self.world
         self.resume_from = self._resume_path(resume)
         if cfg.checkpoint.best_metric == "test_accuracy":
-            log.warning("checkpoint.best_metric is test_accuracy: `best` is selected on the TEST split, so its "
-                        "test accuracy is optimistic; use val_accuracy for an honest estimate")
+            log.warning(
+                "checkpoint.best_metric is test_accuracy: `best` is selected on the TEST split, so its "
+                "test accuracy is optimistic; use val_accuracy for an honest estimate"
+            )
 
         self.opts = data_options(cfg)
         self.manifest = load_data(cfg, acc, self.opts)
@@ -76,8 +82,9 @@ class Trainer:
         model = model_for_data(cfg, self.manifest, self.opts)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg.optim, model))
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
-        self.loss_fn = make_loss(cfg.loss.name, margin_schedule=cfg.loss.margin_schedule,
-                                 max_margin_steps=cfg.loss.max_margin_steps)
+        self.loss_fn = make_loss(
+            cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_steps=cfg.loss.max_margin_steps
+        )
         if self.resume_from is not None:
             self._restore()
         checkpoint.abandon_newer(acc, self.run_dir, self.state)  # whatever is newer than where this run starts
@@ -96,8 +103,10 @@ class Trainer:
     def _resume_path(self, resume: str) -> Path | None:
         if resume == "none":
             if checkpoint.step_dirs(self.run_dir):
-                raise ConfigError(f"{self.run_dir}: already holds checkpoints; continue it with --resume auto "
-                                  "or start elsewhere with --run-dir")
+                raise ConfigError(
+                    f"{self.run_dir}: already holds checkpoints; continue it with --resume auto "
+                    "or start elsewhere with --run-dir"
+                )
             return None
         if resume == "auto":
             return checkpoint.latest(self.run_dir)
@@ -106,14 +115,25 @@ class Trainer:
     def _restore(self) -> None:
         self.state = checkpoint.load(self.accelerator, self.resume_from)
         if self.state.batch_size != self.cfg.train.batch_size:
-            raise CheckpointError(f"{self.resume_from}: written with train.batch_size {self.state.batch_size}, "
-                                  f"the config says {self.cfg.train.batch_size}; global batch must not change on resume")
+            raise CheckpointError(
+                f"{self.resume_from}: written with train.batch_size {self.state.batch_size}, "
+                f"the config says {self.cfg.train.batch_size}; global batch must not change on resume"
+            )
         if self.state.world_size != self.world:
-            log.warning("resuming a %d-process checkpoint on %d processes: continuing at global sample %d",
-                        self.state.world_size, self.world, self.state.samples_seen)
+            log.warning(
+                "resuming a %d-process checkpoint on %d processes: continuing at global sample %d",
+                self.state.world_size,
+                self.world,
+                self.state.samples_seen,
+            )
         self.state.world_size = self.world
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", self.resume_from, self.state.step,
-                 self.state.epoch, self.state.batch_in_epoch)
+        log.info(
+            "resumed from %s at step %d (epoch %d, batch %d)",
+            self.resume_from,
+            self.state.step,
+            self.state.epoch,
+            self.state.batch_in_epoch,
+        )
 
     def _save_config(self) -> None:
         path = self.run_dir / "config.yaml"
@@ -130,9 +150,12 @@ class Trainer:
         """Train to the configured end (or a stop signal); returns the last evaluation's metrics."""
         acc, state = self.accelerator, self.state
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-        self.tracker.log({"event/start": 1, "world_size": self.world, "per_rank_batch": self.per_rank_batch}, state.step)
-        bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_main_process,
-                   unit="step", dynamic_ncols=True)
+        self.tracker.log(
+            {"event/start": 1, "world_size": self.world, "per_rank_batch": self.per_rank_batch}, state.step
+        )
+        bar = tqdm(
+            total=self.total_steps, initial=state.step, disable=not acc.is_main_process, unit="step", dynamic_ncols=True
+        )
         last_eval: dict = {}
         try:
             while state.step < self.total_steps and not self._stop:
@@ -143,10 +166,12 @@ class Trainer:
         except RuntimeError as err:
             if not _peer_lost(err):
                 raise
-            raise TrainingError(f"no answer from another process within train.collective_timeout_s="
-                                f"{self.cfg.train.collective_timeout_s} s, or it died ({str(err).splitlines()[0]}); "
-                                f"the checkpoints are kept: once every process is healthy, resume with --resume auto "
-                                f"--run-dir {self.run_dir}") from None
+            raise TrainingError(
+                f"no answer from another process within train.collective_timeout_s="
+                f"{self.cfg.train.collective_timeout_s} s, or it died ({str(err).splitlines()[0]}); "
+                f"the checkpoints are kept: once every process is healthy, resume with --resume auto "
+                f"--run-dir {self.run_dir}"
+            ) from None
         finally:
             bar.close()
             for sig, handler in previous.items():
@@ -159,18 +184,26 @@ class Trainer:
     def _run_epoch(self, bar: tqdm) -> dict:
         """Train from the data position to the epoch end (or total_steps / stop); evaluate and save at its end."""
         state, cfg = self.state, self.cfg
-        loader = train_loader(self.manifest, self.opts, epoch=state.epoch, rank=self.accelerator.process_index,
-                              world_size=self.world, per_rank_batch=self.per_rank_batch,
-                              start_batch=state.batch_in_epoch)  # a resumed epoch skips, without decoding,
-        batches = iter(loader)                                  # the batches already trained on
+        loader = train_loader(
+            self.manifest,
+            self.opts,
+            epoch=state.epoch,
+            rank=self.accelerator.process_index,
+            world_size=self.world,
+            per_rank_batch=self.per_rank_batch,
+            start_batch=state.batch_in_epoch,
+        )  # a resumed epoch skips, without decoding,
+        batches = iter(loader)  # the batches already trained on
         last_eval: dict = {}
         window, tick = _Window(), time.perf_counter()
         while state.batch_in_epoch < self.steps_per_epoch:
             try:
                 batch = next(batches)
             except StopIteration:
-                raise TrainingError(f"epoch {state.epoch} gave {state.batch_in_epoch} batches, expected "
-                                    f"{self.steps_per_epoch}: did the shards change under the run?") from None
+                raise TrainingError(
+                    f"epoch {state.epoch} gave {state.batch_in_epoch} batches, expected "
+                    f"{self.steps_per_epoch}: did the shards change under the run?"
+                ) from None
             except Exception:
                 if self._signal is None:
                     raise
@@ -207,17 +240,29 @@ class Trainer:
         acts = model(images)  # (B, K)
         loss, margin = self.loss_fn(acts, labels, state.step)
         finite = bool(torch.isfinite(loss))
-        local = torch.tensor([0.0 if finite else 1.0, 1.0 if self._signal else 0.0,
-                              float((acts.argmax(1) == labels).sum()), loss.item() * len(labels) if finite else 0.0,
-                              float(batch.skipped)], dtype=torch.float64, device=acc.device)
+        local = torch.tensor(
+            [
+                0.0 if finite else 1.0,
+                1.0 if self._signal else 0.0,
+                float((acts.argmax(1) == labels).sum()),
+                loss.item() * len(labels) if finite else 0.0,
+                float(batch.skipped),
+            ],
+            dtype=torch.float64,
+            device=acc.device,
+        )
         nonfinite, stop, correct, loss_sum, skipped = acc.reduce(local, "sum").tolist()  # the step's one collective
         lr = learning_rate(state.step, self.cfg.optim, self.schedule_steps)
         if nonfinite:  # every rank skips backward and update together
             self.optimizer.zero_grad(set_to_none=True)
             state.nonfinite_total += 1
             self._nonfinite_run += 1
-            log.warning("step %d: non-finite loss on %d rank(s), step skipped (%d in a row)",
-                        state.step + 1, int(nonfinite), self._nonfinite_run)
+            log.warning(
+                "step %d: non-finite loss on %d rank(s), step skipped (%d in a row)",
+                state.step + 1,
+                int(nonfinite),
+                self._nonfinite_run,
+            )
         else:
             acc.backward(loss)
             if (state.step + 1) % self.cfg.logging.every_steps == 0:  # a log step: gradient norms before clipping
@@ -233,14 +278,22 @@ class Trainer:
         state.samples_seen += batch_size
         self._stop = bool(stop)
         mean_loss = None if nonfinite else loss_sum / batch_size
-        values = {"train/loss": mean_loss, "train/accuracy": correct / batch_size, "lr": lr, "epoch": state.epoch,
-                  "train/nonfinite_total": state.nonfinite_total, **self._count_skipped(int(skipped))}
+        values = {
+            "train/loss": mean_loss,
+            "train/accuracy": correct / batch_size,
+            "lr": lr,
+            "epoch": state.epoch,
+            "train/nonfinite_total": state.nonfinite_total,
+            **self._count_skipped(int(skipped)),
+        }
         if not math.isnan(margin):
             values["margin"] = margin
         self.tracker.log(values, state.step)
         if self._nonfinite_run >= self.cfg.train.max_nonfinite:
-            raise TrainingError(f"{self._nonfinite_run} non-finite losses in a row at step {state.step}; lower "
-                                f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto")
+            raise TrainingError(
+                f"{self._nonfinite_run} non-finite losses in a row at step {state.step}; lower "
+                f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto"
+            )
         return mean_loss
 
     def _count_skipped(self, skipped: int) -> dict:
@@ -248,21 +301,31 @@ class Trainer:
         has lost more than data.max_skipped_fraction of its samples. Returns the values to log."""
         state, limit = self.state, self.cfg.data.max_skipped_fraction
         if skipped and not state.skipped_total:
-            log.warning("step %d: %d corrupt training samples skipped (data.skip_corrupt); their slots repeat good "
-                        "samples; prepare the dataset again: %s", state.step, skipped,
-                        self.manifest.prepare_command())
+            log.warning(
+                "step %d: %d corrupt training samples skipped (data.skip_corrupt); their slots repeat good "
+                "samples; prepare the dataset again: %s",
+                state.step,
+                skipped,
+                self.manifest.prepare_command(),
+            )
         state.skipped_total += skipped
         state.epoch_skipped += skipped
         epoch_samples = self.steps_per_epoch * self.cfg.train.batch_size
         if state.epoch_skipped > limit * epoch_samples:
-            raise TrainingError(f"epoch {state.epoch}: {state.epoch_skipped} corrupt training samples skipped, more "
-                                f"than data.max_skipped_fraction {limit} of its {epoch_samples}; prepare the dataset "
-                                f"again ({self.manifest.prepare_command()}) or raise data.max_skipped_fraction")
+            raise TrainingError(
+                f"epoch {state.epoch}: {state.epoch_skipped} corrupt training samples skipped, more "
+                f"than data.max_skipped_fraction {limit} of its {epoch_samples}; prepare the dataset "
+                f"again ({self.manifest.prepare_command()}) or raise data.max_skipped_fraction"
+            )
         return {"train/skipped": skipped, "train/skipped_total": state.skipped_total}
 
     def _throughput(self, window: "_Window") -> dict:
-        values = {"perf/images_per_s": window.images_per_s, "perf/images_per_s_per_process": window.images_per_s / self.world,
-                  "perf/step_time_s": window.seconds / window.steps, "perf/peak_memory_mb": _peak_memory_mb(self.accelerator)}
+        values = {
+            "perf/images_per_s": window.images_per_s,
+            "perf/images_per_s_per_process": window.images_per_s / self.world,
+            "perf/step_time_s": window.seconds / window.steps,
+            "perf/peak_memory_mb": _peak_memory_mb(self.accelerator),
+        }
         stats = self.accelerator.unwrap_model(self.model).health_stats()
         for layer, layer_stats in stats.items():
             for key, value in layer_stats.items():
@@ -281,13 +344,32 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         metrics: dict = {"step": state.step}
         for split in ["val", "test"] if cfg.eval.test else ["val"]:
-            loader = eval_loader(self.manifest, self.opts, split, rank=self.accelerator.process_index,
-                                 world_size=self.world, per_rank_batch=self.eval_per_rank)
-            result = evaluate(self.accelerator, model, loader, self.loss_fn, state.step, len(self.classes),
-                              cfg.eval.misclassified_images)
+            loader = eval_loader(
+                self.manifest,
+                self.opts,
+                split,
+                rank=self.accelerator.process_index,
+                world_size=self.world,
+                per_rank_batch=self.eval_per_rank,
+            )
+            result = evaluate(
+                self.accelerator,
+                model,
+                loader,
+                self.loss_fn,
+                state.step,
+                len(self.classes),
+                cfg.eval.misclassified_images,
+            )
             metrics[f"{split}_accuracy"] = result["accuracy"]
-            self.tracker.log({f"{split}/accuracy": result["accuracy"], f"{split}/loss": result["loss"],
-                              f"{split}/count": result["count"]}, state.step)
+            self.tracker.log(
+                {
+                    f"{split}/accuracy": result["accuracy"],
+                    f"{split}/loss": result["loss"],
+                    f"{split}/count": result["count"],
+                },
+                state.step,
+            )
             self.tracker.log_eval_media(split, result, self.classes, state.step)
         score = metrics[cfg.checkpoint.best_metric]
         improved = score > state.best_metric
@@ -316,8 +398,10 @@ class Trainer:
         head = f"capsdist: stopped by {self._signal or 'a signal to another rank'}" if self._stop else "capsdist: done"
         tail = f"; resume with --resume auto --run-dir {self.run_dir}" if self._stop else ""
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
-        return f"{head} at step {self.state.step} ({procs}): {', '.join(parts) or 'no evaluation'}; " \
-               f"checkpoints in {checkpoint.checkpoint_dir(self.run_dir)}{tail}"
+        return (
+            f"{head} at step {self.state.step} ({procs}): {', '.join(parts) or 'no evaluation'}; "
+            f"checkpoints in {checkpoint.checkpoint_dir(self.run_dir)}{tail}"
+        )
 
 
 class _Window:
