@@ -250,7 +250,7 @@ def test_routing_checkpoint_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
         torch.manual_seed(0)
-        layer = ConvCaps(2, 3, 3, 1, RoutingSettings(3), checkpoint=ckpt).double()
+        layer = ConvCaps(2, 3, 3, 1, RoutingSettings(3), routing_checkpoint=ckpt).double()
         p_in, a_in = poses.clone().requires_grad_(), acts.clone().requires_grad_()
         out_p, out_a = layer(p_in, a_in)
         (out_p.sin().sum() + out_a.sum()).backward()

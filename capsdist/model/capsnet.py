@@ -55,10 +55,10 @@ class CapsNet(nn.Module):
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2)
         self.primary_caps = PrimaryCaps(A, B)
-        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing, checkpoint=routing_checkpoint)
-        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing, checkpoint=routing_checkpoint)
+        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing, routing_checkpoint=routing_checkpoint)
+        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing, routing_checkpoint=routing_checkpoint)
         self.class_caps = ClassCaps(
-            D, num_classes, routing=class_routing, coord_add=coord_add, checkpoint=routing_checkpoint
+            D, num_classes, routing=class_routing, coord_add=coord_add, routing_checkpoint=routing_checkpoint
         )
         if init == "authors":
             self._init_as_authors()
@@ -111,7 +111,7 @@ class CapsNet(nn.Module):
     def health_stats(self) -> dict[str, dict[str, float]]:
         """Per capsule layer, from the last forward: mean activation, dead_fraction (capsules below 0.01 on every
         image), saturated_fraction (activations above 0.99) and, for routing layers, the mean assignment entropy
-        (nats). Reads the values on the host: call it on log steps only. With routing.checkpoint the routing
+        (nats). Reads the values on the host: call it on log steps only. With routing_checkpoint the routing
         layers' statistics are those of the last chunk of images."""
         return {
             name: {key: float(value) for key, value in layer.last_stats.items()}

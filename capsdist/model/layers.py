@@ -58,28 +58,28 @@ class CapsuleLayer(nn.Module):
     """Base of the routing layers: owns beta_u, beta_a (O,), runs routing, keeps cheap routing statistics.
 
     Subclasses define route_capsules(poses, activations): their votes and routing for a batch of images.
-    `routing` holds the EM settings; with `checkpoint`, images are routed in chunks and recomputed in backward.
+    `routing` holds the EM settings; with `routing_checkpoint`, images are routed in chunks and recomputed in backward.
     """
 
-    def __init__(self, out_types: int, routing: RoutingSettings, checkpoint: bool = False):
+    def __init__(self, out_types: int, routing: RoutingSettings, routing_checkpoint: bool = False):
         super().__init__()
         self.out_types = out_types
-        self.routing, self.checkpoint = routing, checkpoint
+        self.routing, self.routing_checkpoint = routing, routing_checkpoint
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
         self.last_stats: dict[str, torch.Tensor] = {}
 
-    CHECKPOINT_CHUNKS = 3  # with checkpoint, images are routed in this many chunks, one at a time
+    CHECKPOINT_CHUNKS = 3  # with routing_checkpoint, images are routed in this many chunks, one at a time
 
     def forward(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """poses (N, T, 16, H, W), activations (N, T, H, W) -> this layer's poses and activations.
 
-        With checkpoint, the votes and routing of each chunk of images are computed, used and freed,
+        With routing_checkpoint, the votes and routing of each chunk of images are computed, used and freed,
         then recomputed in backward (torch.utils.checkpoint): only one chunk's votes are ever alive, so peak
         memory falls about CHECKPOINT_CHUNKS-fold for about one extra forward. Images route independently,
         so the result is the same as routing the whole batch at once.
         """
-        if not (self.checkpoint and torch.is_grad_enabled()):
+        if not (self.routing_checkpoint and torch.is_grad_enabled()):
             return self.route_capsules(poses, activations)
         size = -(-poses.shape[0] // self.CHECKPOINT_CHUNKS)
         outputs = [
@@ -89,7 +89,7 @@ class CapsuleLayer(nn.Module):
         return tuple(torch.cat(parts) for parts in zip(*outputs))
 
     def extra_repr(self) -> str:
-        return f"{self.routing}, checkpoint={self.checkpoint}"
+        return f"{self.routing}, routing_checkpoint={self.routing_checkpoint}"
 
     def _route(self, V: torch.Tensor, a_in: torch.Tensor, log_R0: torch.Tensor, normalise) -> RoutingResult:
         """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult."""
@@ -165,9 +165,9 @@ class ConvCaps(CapsuleLayer):
         kernel: int,
         stride: int,
         routing: RoutingSettings,
-        checkpoint: bool = False,
+        routing_checkpoint: bool = False,
     ):
-        super().__init__(out_types, routing, checkpoint)
+        super().__init__(out_types, routing, routing_checkpoint)
         self.in_types, self.kernel, self.stride = in_types, kernel, stride
         self.weight = nn.Parameter(torch.randn(kernel * kernel, in_types, out_types, 4, 4) * WEIGHT_STD)
 
@@ -272,9 +272,14 @@ class ClassCaps(CapsuleLayer):
     """
 
     def __init__(
-        self, in_types: int, classes: int, routing: RoutingSettings, coord_add: bool = True, checkpoint: bool = False
+        self,
+        in_types: int,
+        classes: int,
+        routing: RoutingSettings,
+        coord_add: bool = True,
+        routing_checkpoint: bool = False,
     ):
-        super().__init__(classes, routing, checkpoint)
+        super().__init__(classes, routing, routing_checkpoint)
         self.in_types, self.coord_add = in_types, coord_add
         self.weight = nn.Parameter(torch.randn(in_types, classes, 4, 4) * WEIGHT_STD)
         self.centre_scale = (1.0, 0.5)  # receptive-field centre = scale * index + offset, in input pixels
