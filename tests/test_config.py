@@ -1,5 +1,6 @@
 """Config schema: YAML loading, overrides with type coercion, and errors that name key and file."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,7 @@ import yaml
 
 from capsdist.config import Config, config_dict, config_from_dict, load_config, save_config
 from capsdist.errors import ConfigError
+from capsdist.model import PAPER
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -29,6 +31,8 @@ def test_paper_configs_pin_the_papers_setup_whatever_the_defaults(size):
     cfg = load_config(CONFIGS / f"paper-{size}.yaml")
     assert (cfg.model.size, cfg.model.iterations, cfg.model.alpha, cfg.model.final_lambda) == (size, 3, 0.0, 0.01)
     assert cfg.model.estep_temperature == 1.0
+    for setting in dataclasses.fields(PAPER):  # every routing key, those added later included
+        assert getattr(cfg.model, setting.name) == getattr(PAPER, setting.name), setting.name
     assert (cfg.loss.name, cfg.loss.margin_schedule, cfg.loss.max_margin_steps) == ("spread_loss", "linear", 20000)
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.optim.lr_decay_rate) == (
         "adam",
