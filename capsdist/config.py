@@ -23,7 +23,7 @@ from capsdist.data import DATASETS, DataOptions
 from capsdist.errors import ConfigError
 from capsdist.files import write_atomic
 from capsdist.loss import LOSSES, MARGIN_SCHEDULES
-from capsdist.model import INITS, MODEL_SIZES, RECIPE
+from capsdist.model import INITS, MODEL_SIZES, RECIPE, ROUTING_IMPLS
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
@@ -54,6 +54,7 @@ class ModelConfig:
     beta_a_scale: float = _num(RECIPE.beta_a_scale, 0.0, open_lo=True)  # routing sees beta_a * this
     init: Literal[INITS] = "gritzman"  # weight initialisation (capsnet.INITS)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
+    routing_impl: Literal[ROUTING_IMPLS] = "auto"  # torch (the reference) | triton (fused, CUDA) | auto: torch for now
 
 
 @dataclass
