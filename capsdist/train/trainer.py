@@ -29,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from capsdist import threads
 from capsdist.config import Config, config_dict, save_config
 from capsdist.data import eval_loader, steps_per_epoch, train_loader
 from capsdist.errors import CheckpointError, ConfigError, TrainingError
@@ -74,7 +75,11 @@ class Trainer:
                 "test accuracy is optimistic; use val_accuracy for an honest estimate"
             )
 
+        if cfg.data.num_workers == "auto":  # resolved once per run: the data order depends on the worker count
+            saved = self._run_workers()
+            cfg.data.num_workers = threads.budget("auto").workers if saved is None else saved
         self.opts = data_options(cfg)
+        threads.apply(threads.budget(self.opts.num_workers), log)
         self.manifest = load_data(cfg, acc, self.opts)
         self.classes = list(self.manifest.classes)
         self.steps_per_epoch = steps_per_epoch(self.manifest, self.opts, cfg.train.batch_size)
@@ -117,6 +122,15 @@ class Trainer:
         if resume == "auto":
             return checkpoint.latest(self.run_dir)
         return checkpoint.resolve(self.run_dir, resume)
+
+    def _run_workers(self) -> int | None:
+        """The loader worker count a resumed run was started with (its saved config.yaml), so that `auto` on a
+        machine with other cores continues the same data order; None for a new run."""
+        path = self.run_dir / "config.yaml"
+        if self.resume_from is None or not path.is_file():
+            return None
+        saved = (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("num_workers")
+        return saved if isinstance(saved, int) and not isinstance(saved, bool) else None
 
     def _restore(self) -> None:
         self.state = checkpoint.load(self.accelerator, self.resume_from)
