@@ -1,6 +1,7 @@
 """The fused routing path (capsdist/model/fused_routing.py) beyond its equivalence with the reference
 (tests/test_model_equivalence.py): every routing setting, tile sizes, routing statistics, and when it is used.
-On the CPU the kernels run in Triton's interpreter (tests/conftest.py)."""
+The fused path runs on CUDA where there is one (tests/gpu/check.sh), else in Triton's interpreter on the CPU
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from capsdist.model import CapsNet, RoutingSettings, fused_routing, layers  # no
 from capsdist.model.layers import ConvCaps  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _route_and_grads(seed: int):
@@ -33,12 +35,14 @@ def _route_and_grads(seed: int):
         torch.randn(O, generator=g) * 0.3,
         torch.randn(O, generator=g) * 0.3,
     ]
-    leaves = [x.requires_grad_() for x in leaves]
+    leaves = [x.to(DEVICE).requires_grad_() for x in leaves]
     M, W, a, bu, ba = leaves
-    offsets = torch.randn(I, 16, generator=g) * 0.1
+    offsets = (torch.randn(I, 16, generator=g) * 0.1).to(DEVICE)
     settings = RoutingSettings(2, final_lambda=0.05, alpha=0.1)
-    res = fused_routing.fused_route(M, W, offsets, a, bu, ba, torch.full((N, I), -math.log(O)), lambda L: L, settings)
-    loss = (res.poses * torch.randn(res.poses.shape, generator=g)).sum() + (res.a_out * torch.arange(O)).sum()
+    log_R0 = torch.full((N, I), -math.log(O), device=DEVICE)
+    res = fused_routing.fused_route(M, W, offsets, a, bu, ba, log_R0, lambda L: L, settings)
+    weights = torch.randn(res.poses.shape, generator=g).to(DEVICE)
+    loss = (res.poses * weights).sum() + (res.a_out * torch.arange(O, device=DEVICE)).sum()
     return [res.poses, res.a_out, res.entropy], torch.autograd.grad(loss, leaves)
 
 
@@ -65,12 +69,13 @@ def test_every_routing_setting_reaches_the_fused_path():
         class_lambda_scale=0.25,
         beta_a_scale=7.0,
     )
-    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    y = torch.tensor([1, 3])
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    y = torch.tensor([1, 3], device=DEVICE)
 
     def loss_and_grads(routing, impl):
         torch.manual_seed(0)
         net = CapsNet(A=8, B=3, C=3, D=3, num_classes=4, input_size=28, routing=routing, routing_impl=impl)
+        net = net.to(DEVICE)
         with torch.no_grad():
             for layer in (net.conv_caps1, net.conv_caps2, net.class_caps):
                 layer.beta_a.fill_(0.05)
@@ -90,10 +95,10 @@ def test_routing_statistics_match_the_torch_path():
     """Mean activation and assignment entropy (the entropy from the lse kernel's softmax-weighted mean)."""
     torch.manual_seed(3)
     layer = ConvCaps(2, 3, kernel=3, stride=1, routing=RoutingSettings(3, final_lambda=0.05))
-    poses, acts = torch.randn(2, 2, 16, 4, 4), torch.rand(2, 2, 4, 4)
+    poses, acts = torch.randn(2, 2, 16, 4, 4).to(DEVICE), torch.rand(2, 2, 4, 4).to(DEVICE)
     stats = {}
     for impl in ("torch", "triton"):
-        run = copy.deepcopy(layer)
+        run = copy.deepcopy(layer).to(DEVICE)
         run.routing_impl = impl
         run(poses, acts)
         stats[impl] = {k: float(v) for k, v in run.last_stats.items()}
@@ -110,7 +115,8 @@ def test_auto_is_torch_until_the_gpu_check_passes_and_triton_needs_cuda_or_the_i
     layer.routing_impl = "torch"
     assert not layer.uses_fused(cuda)
     layer.routing_impl = "triton"
-    assert layer.uses_fused(cpu)  # the interpreter is on in the tests
+    assert layer.uses_fused(cuda)
+    assert layer.uses_fused(cpu) == fused_routing.interpreter_enabled()  # on where there is no CUDA (conftest.py)
     monkeypatch.setattr(fused_routing, "interpreter_enabled", lambda: False)
     with pytest.raises(ConfigError, match="model.routing_impl: triton runs on CUDA"):
         layer.uses_fused(cpu)
