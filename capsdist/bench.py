@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import platform
 import resource
 import sys
@@ -104,6 +105,12 @@ def _timed(fn, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / max(steps, 1)
 
 
+def _routing_used(model: torch.nn.Module, device: torch.device) -> str | None:
+    """The routing implementation model.routing_impl resolved to on `device` (None for a CNN baseline)."""
+    layer = getattr(model, "conv_caps1", None)
+    return None if layer is None else ("triton" if layer.uses_fused(device) else "torch")
+
+
 def run_benchmark(s: BenchSettings) -> dict:
     """Run the benchmark described by `s` and return the result as a flat dict (one JSON line)."""
     torch.manual_seed(s.cfg.train.seed)
@@ -162,6 +169,9 @@ def run_benchmark(s: BenchSettings) -> dict:
         "classes": s.classes,
         "routing_iterations": s.cfg.model.iterations,
         "routing_checkpoint": s.cfg.model.routing_checkpoint,
+        "routing_impl": s.cfg.model.routing_impl,
+        "routing": _routing_used(model, device),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "compile": s.compile,
         "mixed_precision": s.mixed_precision,
     }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from capsdist.data import DATASETS, DataOptions
 from capsdist.errors import ConfigError
 from capsdist.files import write_atomic
 from capsdist.loss import LOSSES, MARGIN_SCHEDULES
-from capsdist.model import INITS, MODEL_SIZES, RECIPE
+from capsdist.model import INITS, MODEL_SIZES, RECIPE, ROUTING_IMPLS
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
@@ -54,6 +55,7 @@ class ModelConfig:
     beta_a_scale: float = _num(RECIPE.beta_a_scale, 0.0, open_lo=True)  # routing sees beta_a * this
     init: Literal[INITS] = "gritzman"  # weight initialisation (capsnet.INITS)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
+    routing_impl: Literal[ROUTING_IMPLS] = "auto"  # torch (the reference) | triton (fused, CUDA) | auto: torch for now
 
 
 @dataclass
@@ -66,7 +68,8 @@ class DataConfig:
     channels: Literal["both", "left"] = _DATA.channels  # smallNORB stereo channels
     augment: bool = _DATA.augment  # training augmentation
     pad_crop: int = _num(_DATA.pad_crop, 0)  # MNIST-likes: pad by N then random-crop back
-    num_workers: int = _num(_DATA.num_workers, 0)  # data loader workers per process
+    # loader workers per process; auto (not DataOptions' count): from the cores and processes (capsdist.threads)
+    num_workers: int | Literal["auto"] = _num("auto", 0)
     shuffle_buffer: int = _num(_DATA.shuffle_buffer, 1)  # WebDataset shuffle buffer (samples)
     skip_corrupt: bool = _DATA.skip_corrupt  # skip corrupt samples instead of failing
     max_skipped_fraction: float = _num(0.01, 0.0, 1.0)  # skip_corrupt: stop when an epoch loses more than this
@@ -158,8 +161,17 @@ _FALSE = {"false", "no", "off", "0"}
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Return `value` as type `tp` (int, float, bool, str, list[str], Literal) or raise ConfigError."""
+    """Return `value` as type `tp` (int, float, bool, str, list[str], Literal, a union of them) or raise
+    ConfigError."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # the first alternative that takes the value
+        errors = []
+        for alternative in typing.get_args(tp):
+            try:
+                return _coerce(value, alternative, where)
+            except ConfigError as err:
+                errors.append(str(err).removeprefix(f"{where}: "))
+        raise ConfigError(f"{where}: {'; or '.join(errors)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -246,6 +258,8 @@ def validate(cfg: Config, source: str) -> None:
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
+                continue
+            if isinstance(value, str):  # a named choice of a numeric field ("auto")
                 continue
             lo, hi, open_lo = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("open_lo")
             key = f"{source}: {prefix}{f.name}"

@@ -11,6 +11,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from capsdist import threads
 from capsdist.config import Config
 from capsdist.data import DataOptions, input_shape, is_remote, load_manifest, prepare, prepare_command
 from capsdist.errors import DataError
@@ -33,9 +34,11 @@ def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
 
 def data_options(cfg: Config) -> DataOptions:
     """The loaders' options: every DataOptions field from the `data` section, the shards' location resolved
-    (Config.shards) and train.seed, which seeds the data order."""
+    (Config.shards), data.num_workers: auto resolved from this process's cores (capsdist.threads) and
+    train.seed, which seeds the data order."""
     fields = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(DataOptions) if hasattr(cfg.data, f.name)}
-    return DataOptions(**{**fields, "shards": cfg.shards, "seed": cfg.train.seed})
+    workers = threads.budget(cfg.data.num_workers).workers
+    return DataOptions(**{**fields, "num_workers": workers, "shards": cfg.shards, "seed": cfg.train.seed})
 
 
 def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):

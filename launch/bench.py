@@ -12,10 +12,10 @@ import argparse
 import json
 import sys
 
-from capsdist.bench import BenchSettings, run_benchmark
 from capsdist.cli import add_set_option, setup_process
-from capsdist.config import load_config
 from capsdist.errors import run_cli
+
+# capsdist.bench and capsdist.config import torch: they are imported in main, after setup_process (OMP_WAIT_POLICY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
+        from capsdist.bench import BenchSettings, run_benchmark
+        from capsdist.config import load_config
+
         cfg = load_config(args.config, args.overrides)
         settings = BenchSettings.from_config(
             cfg,

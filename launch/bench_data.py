@@ -7,19 +7,27 @@ One process plays rank 0 of a world of 1 (the per-rank cost is the same at any w
 samples_per_s counts from the first batch on (worker start-up excluded); total_s includes it.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import json
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from capsdist.cli import add_set_option, setup_process
-from capsdist.data import DataOptions, eval_loader, load_manifest, train_loader
 from capsdist.errors import run_cli
+
+# capsdist.data imports torch: it is imported where used, after setup_process (OMP_WAIT_POLICY)
+if TYPE_CHECKING:
+    from capsdist.data import DataOptions
 
 
 def options(args) -> tuple[DataOptions, int]:
     """DataOptions and batch size from --config (+ overrides) or from the plain flags."""
+    from capsdist.data import DataOptions
+
     if args.config:
         from capsdist.config import load_config
         from capsdist.run import data_options
@@ -51,6 +59,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
+        from capsdist.data import eval_loader, load_manifest, train_loader
+
         opts, batch = options(args)
         manifest = load_manifest(opts.shards)
         if args.split == "train":

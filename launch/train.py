@@ -14,8 +14,9 @@ import argparse
 import sys
 
 from capsdist.cli import add_set_option, setup_process
-from capsdist.config import load_config
 from capsdist.errors import run_cli
+
+# capsdist.config and the trainer import torch: they are imported in main, after setup_process (OMP_WAIT_POLICY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"checkpoint.every_steps={args.checkpoint_every}")
 
     def body():
+        from capsdist.config import load_config
+
         cfg = load_config(args.config, overrides)
         from capsdist.train.trainer import Trainer  # after the config is known good: accelerate, wandb
 

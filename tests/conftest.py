@@ -1,6 +1,9 @@
-"""Shared pytest fixtures: one torch thread, the tiny shards and run config of the trainer tests, a routing recorder."""
+"""Shared pytest fixtures: one torch thread, the tiny shards and run config of the trainer tests, a routing recorder.
+Where there is no CUDA device, Triton's interpreter (set before capsdist imports Triton): the fused routing
+kernels' tests then run on the CPU, on small shapes."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,9 @@ import torch
 import yaml
 
 from train_helpers import TEST, TINY, TRAIN
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

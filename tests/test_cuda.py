@@ -44,6 +44,28 @@ def test_cuda_matches_cpu_forward_and_gradients():
         torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
 
 
+def test_cuda_fused_routing_matches_torch_routing_in_the_model():
+    """The whole model on CUDA with the fused Triton routing against the torch routing, float32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    reference = _small_model().cuda()
+    fused = copy.deepcopy(reference)
+    for model, impl in ((reference, "torch"), (fused, "triton")):
+        for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
+            layer.routing_impl = impl
+    x = torch.randn(6, 2, 32, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    y = torch.arange(6, device="cuda") % 5
+    losses = []
+    for model in (reference, fused):
+        loss = spread_loss(model(x), y, margin=0.5)
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    for (name, p_ref), p_fused in zip(reference.named_parameters(), fused.parameters()):
+        scale = p_ref.grad.abs().max().item() + 1e-12
+        torch.testing.assert_close(p_fused.grad, p_ref.grad, rtol=1e-3, atol=1e-4 * scale, msg=name)
+
+
 def test_cuda_bf16_autocast_is_finite_and_routing_stays_float32():
     model = _small_model().cuda()
     x = torch.randn(8, 2, 32, 32, device="cuda")

@@ -6,9 +6,15 @@ Two comparisons per layer:
   gradients, atol 2e-5 x the tensor's largest entry: the float32 layer is accurate. (Measured: errors are
   <= 5e-6 of each tensor's scale; single small gradient entries can be off by 1e-3 of themselves, because
   EM's large costs, lambda * sum_Ra * log sigma, amplify float32 rounding.)
+Both routing implementations are checked: `torch` (routing.py) in float64 and float32, and the fused Triton
+kernels (`triton`, fused_routing.py, float32 only) on CUDA where there is one, else in Triton's interpreter on
+the CPU (tests/conftest.py sets TRITON_INTERPRET=1 when there is no CUDA device).
 """
 
 from __future__ import annotations
+
+import copy
+import importlib.util
 
 import pytest
 import torch
@@ -23,6 +29,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ITERATIONS = 3
+IMPLS = [  # (routing implementation, dtype)
+    pytest.param("torch", torch.float64, id="torch-f64"),
+    pytest.param("torch", torch.float32, id="torch-f32"),
+    pytest.param(
+        "triton",
+        torch.float32,
+        id="triton-f32",
+        marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+    ),
+]
 
 
 def _inputs(seed, n, t, h, w):
@@ -46,13 +62,18 @@ def _grads(outputs, leaves, seed):
     return torch.autograd.grad(loss, leaves)
 
 
-def _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype):
-    """Run the fast layer in `dtype` and the reference in float64 on the same parameters and inputs."""
-    layer = layer.to(dtype)
-    p_in = poses.to(dtype).requires_grad_()
-    a_in = acts.to(dtype).requires_grad_()
-    fast = layer(p_in, a_in)
-    fast_grads = _grads(fast, [p_in, a_in, layer.weight, layer.beta_u, layer.beta_a], seed)
+def _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype, impl="torch"):
+    """Run the fast layer in `dtype` with routing `impl` (triton: on CUDA if there is one) and the reference in
+    float64 on the CPU, on the same parameters and inputs."""
+    device = "cuda" if impl == "triton" and torch.cuda.is_available() else "cpu"
+    fast_layer = copy.deepcopy(layer).to(device, dtype)
+    fast_layer.routing_impl = impl
+    p_in = poses.to(device, dtype).requires_grad_()
+    a_in = acts.to(device, dtype).requires_grad_()
+    fast = fast_layer(p_in, a_in)
+    leaves = [p_in, a_in, fast_layer.weight, fast_layer.beta_u, fast_layer.beta_a]
+    fast = [x.cpu() for x in fast]
+    fast_grads = [g.cpu() for g in _grads(fast, leaves, seed)]
 
     leaves = [x.detach().double().requires_grad_() for x in (poses, acts, layer.weight, layer.beta_u, layer.beta_a)]
     ref = ref_fn(*leaves)[:2]
@@ -86,8 +107,8 @@ CONV_CASES = [
 
 
 @pytest.mark.parametrize("stride,t,o,size,final_lambda,alpha", CONV_CASES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_convcaps_matches_reference(stride, t, o, size, final_lambda, alpha, dtype):
+@pytest.mark.parametrize("impl,dtype", IMPLS)
+def test_convcaps_matches_reference(stride, t, o, size, final_lambda, alpha, impl, dtype):
     seed = 10 * stride + size
     torch.manual_seed(seed)
     layer = ConvCaps(
@@ -101,7 +122,7 @@ def test_convcaps_matches_reference(stride, t, o, size, final_lambda, alpha, dty
             p, a, w, bu, ba, kernel=3, stride=stride, iterations=ITERATIONS, final_lambda=final_lambda, alpha=alpha
         )
 
-    fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype)
+    fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype, impl)
     assert fast[0].shape == ref[0].shape and fast[1].shape == ref[1].shape
     if dtype == torch.float64:
         _check(fast, fast_grads, ref, ref_grads, rtol=1e-9, atol=1e-9, grad_rtol=1e-7, grad_atol_rel=1e-8)
@@ -118,8 +139,8 @@ CLASS_CASES = [
 
 
 @pytest.mark.parametrize("coord_add,centre_scale,input_size", CLASS_CASES)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_classcaps_matches_reference(coord_add, centre_scale, input_size, dtype):
+@pytest.mark.parametrize("impl,dtype", IMPLS)
+def test_classcaps_matches_reference(coord_add, centre_scale, input_size, impl, dtype):
     seed = 7
     torch.manual_seed(seed)
     layer = ClassCaps(3, 4, routing=RoutingSettings(ITERATIONS), coord_add=coord_add)
@@ -140,7 +161,7 @@ def test_classcaps_matches_reference(coord_add, centre_scale, input_size, dtype)
             iterations=ITERATIONS,
         )
 
-    fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype)
+    fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype, impl)
     if dtype == torch.float64:
         _check(fast, fast_grads, ref, ref_grads, rtol=1e-9, atol=1e-9, grad_rtol=1e-7, grad_atol_rel=1e-8)
     else:
@@ -196,8 +217,8 @@ def test_em_routing_matches_reference(alpha):
 
 
 @pytest.mark.parametrize("layer_kind", ["conv", "class"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-def test_estep_temperature_matches_reference(layer_kind, dtype):
+@pytest.mark.parametrize("impl,dtype", IMPLS)
+def test_estep_temperature_matches_reference(layer_kind, impl, dtype):
     """model.estep_temperature divides the E-step log-likelihoods: the fast layers agree with the reference,
     and the temperature really changes the result (the comparison is not vacuous)."""
     seed, temperature = 11, 4.0
@@ -216,7 +237,7 @@ def test_estep_temperature_matches_reference(layer_kind, dtype):
 
     _set_betas(layer, seed)
     poses, acts = _inputs(seed, 2, 2, 5, 5)
-    fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype)
+    fast, fast_grads, ref, ref_grads = _fast_and_reference(layer, ref_fn, poses, acts, seed, dtype, impl)
     if dtype == torch.float64:
         _check(fast, fast_grads, ref, ref_grads, rtol=1e-9, atol=1e-9, grad_rtol=1e-7, grad_atol_rel=1e-8)
     else:

@@ -1,6 +1,7 @@
 """The models: EM routing, capsule layers, the CapsNet presets, the CNN baselines, and building one by name."""
 
 from capsdist.model.capsnet import INITS, PRESETS, CapsNet
+from capsdist.model.layers import ROUTING_IMPLS
 from capsdist.model.cnn import CNN_PRESETS, BaselineCNN
 from capsdist.model.registry import MODEL_SIZES, build_model
 from capsdist.model.routing import PAPER, RECIPE, RoutingSettings, em_routing
@@ -14,6 +15,7 @@ __all__ = [
     "PAPER",
     "PRESETS",
     "RECIPE",
+    "ROUTING_IMPLS",
     "RoutingSettings",
     "build_model",
     "em_routing",

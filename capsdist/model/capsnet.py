@@ -29,6 +29,7 @@ class CapsNet(nn.Module):
     with return_poses=True also class poses (N, classes, 16).
     `routing` defaults to the paper's settings (routing.PAPER); the run config starts from capsdist's measured
     recipe (routing.RECIPE). The class layer routes with final_lambda * routing.class_lambda_scale.
+    `routing_impl` (layers.ROUTING_IMPLS) picks the torch or the fused Triton routing for every capsule layer.
     """
 
     def __init__(
@@ -45,6 +46,7 @@ class CapsNet(nn.Module):
         coord_add: bool = True,
         init: str = "gritzman",
         routing_checkpoint: bool = False,
+        routing_impl: str = "auto",
     ):
         super().__init__()
         if init not in INITS:
@@ -55,11 +57,10 @@ class CapsNet(nn.Module):
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
         self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2)
         self.primary_caps = PrimaryCaps(A, B)
-        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing, routing_checkpoint=routing_checkpoint)
-        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing, routing_checkpoint=routing_checkpoint)
-        self.class_caps = ClassCaps(
-            D, num_classes, routing=class_routing, coord_add=coord_add, routing_checkpoint=routing_checkpoint
-        )
+        how = {"routing_checkpoint": routing_checkpoint, "routing_impl": routing_impl}
+        self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing, **how)
+        self.conv_caps2 = ConvCaps(C, D, kernel=3, stride=1, routing=routing, **how)
+        self.class_caps = ClassCaps(D, num_classes, routing=class_routing, coord_add=coord_add, **how)
         if init == "authors":
             self._init_as_authors()
         # Receptive-field centre of a position j in input pixels is a * j + b; start from pixel centres.

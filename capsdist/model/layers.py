@@ -9,6 +9,7 @@ N' = N * parent positions and I = children per routing problem (see routing.py).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -16,7 +17,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from capsdist.errors import ConfigError
 from capsdist.model.routing import P, RoutingResult, RoutingSettings, normalise_over_parents, route, routing_dtype
+from capsdist.model.windows import WindowGrid
+
+# EM routing implementations (model.routing_impl): torch (routing.py, the reference: materialises the votes),
+# triton (fused_routing.py: rebuilds the votes in registers, never stores them; CUDA, or Triton's interpreter
+# for tests), auto: torch, until tests/gpu/check.sh has passed on a GPU (the fused kernels have been run only in
+# Triton's interpreter so far; configs/README.md). Then AUTO_FUSED becomes True: auto = triton on CUDA.
+ROUTING_IMPLS = ("auto", "torch", "triton")
+AUTO_FUSED = False
 
 # 4x4 transforms, initialised as in Gritzman's code: a vote is about twice its pose in scale, which offsets the
 # shrinking of poses by routing's weighted means, so log sigma stays level with depth and class activations
@@ -58,13 +68,18 @@ class CapsuleLayer(nn.Module):
     """Base of the routing layers: owns beta_u, beta_a (O,), runs routing, keeps cheap routing statistics.
 
     Subclasses define route_capsules(poses, activations): their votes and routing for a batch of images.
-    `routing` holds the EM settings; with `routing_checkpoint`, images are routed in chunks and recomputed in backward.
+    `routing` holds the EM settings; with `routing_checkpoint`, images are routed in chunks and recomputed in backward;
+    `routing_impl` (ROUTING_IMPLS) picks the torch or the fused Triton routing (`uses_fused`).
     """
 
-    def __init__(self, out_types: int, routing: RoutingSettings, routing_checkpoint: bool = False):
+    def __init__(
+        self, out_types: int, routing: RoutingSettings, routing_checkpoint: bool = False, routing_impl: str = "auto"
+    ):
         super().__init__()
+        if routing_impl not in ROUTING_IMPLS:
+            raise ValueError(f"routing_impl must be one of {ROUTING_IMPLS}, got {routing_impl!r}")
         self.out_types = out_types
-        self.routing, self.routing_checkpoint = routing, routing_checkpoint
+        self.routing, self.routing_checkpoint, self.routing_impl = routing, routing_checkpoint, routing_impl
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
         self.last_stats: dict[str, torch.Tensor] = {}
@@ -89,11 +104,40 @@ class CapsuleLayer(nn.Module):
         return tuple(torch.cat(parts) for parts in zip(*outputs))
 
     def extra_repr(self) -> str:
-        return f"{self.routing}, routing_checkpoint={self.routing_checkpoint}"
+        return f"{self.routing}, routing_checkpoint={self.routing_checkpoint}, routing_impl={self.routing_impl}"
+
+    def uses_fused(self, device: torch.device) -> bool:
+        """Whether routing on `device` takes the fused Triton path (fused_routing.py) or the torch path.
+
+        torch: never. auto: only when AUTO_FUSED (see ROUTING_IMPLS), on CUDA with Triton installed. triton:
+        always; on the CPU only under Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported), for tests.
+        """
+        if self.routing_impl == "torch":
+            return False
+        if self.routing_impl == "auto":
+            return AUTO_FUSED and device.type == "cuda" and importlib.util.find_spec("triton") is not None
+        if device.type != "cuda":
+            from capsdist.model.fused_routing import interpreter_enabled
+
+            if not interpreter_enabled():
+                raise ConfigError(
+                    "model.routing_impl: triton runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1, "
+                    "for tests); use auto or torch here"
+                )
+        return True
 
     def _route(self, V: torch.Tensor, a_in: torch.Tensor, log_R0: torch.Tensor, normalise) -> RoutingResult:
         """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult."""
         return route(V, a_in, self.beta_u, self.beta_a, log_R0, normalise, self.routing)
+
+    def _route_fused(
+        self, M: torch.Tensor, W: torch.Tensor, offsets, a_in: torch.Tensor, log_R0: torch.Tensor, combine
+    ):
+        """The fused path (fused_routing.fused_route): child poses M (N', I, 16), each child's transforms
+        W (I, O, 16), offsets (I, 16) or None, a_in and log_R0 (N', I) -> FusedResult."""
+        from capsdist.model.fused_routing import fused_route  # imports Triton: only when the fused path runs
+
+        return fused_route(M, W, offsets, a_in, self.beta_u, self.beta_a, log_R0, combine, self.routing)
 
     def _record(self, a_out: torch.Tensor, images: int, entropy_per_child: torch.Tensor) -> None:
         """Keep detached statistics of the last forward (tensors: read on the host only when logged).
@@ -142,11 +186,6 @@ class PrimaryCaps(nn.Module):
         return poses, activations
 
 
-def _grid_slices(kernel: int, stride: int, out: int) -> list[slice]:
-    """For each kernel offset k, the strided slice of child positions k, k + s, ..., k + s (out - 1)."""
-    return [slice(k, k + stride * (out - 1) + 1, stride) for k in range(kernel)]
-
-
 class ConvCaps(CapsuleLayer):
     """Convolutional capsules: routing over K x K windows with a stride, one learned 4x4 transform per
     (kernel position, input type, output type).
@@ -155,7 +194,8 @@ class ConvCaps(CapsuleLayer):
     H' = (H - K) // stride + 1. Each parent position is a routing problem with I = K * K * T children.
     Gritzman's pitfall 3: a child sits in several windows; the E-step normalises its assignments over every
     parent of every window that holds it (a fold of the per-window sums back onto the child grid), and the
-    initial assignments are uniform over that whole set.
+    initial assignments are uniform over that whole set. The windows are gathered and folded by windows.WindowGrid
+    (one copy or one scatter each, not F.unfold / F.fold's im2col / col2im per image).
     """
 
     def __init__(
@@ -166,36 +206,23 @@ class ConvCaps(CapsuleLayer):
         stride: int,
         routing: RoutingSettings,
         routing_checkpoint: bool = False,
+        routing_impl: str = "auto",
     ):
-        super().__init__(out_types, routing, routing_checkpoint)
+        super().__init__(out_types, routing, routing_checkpoint, routing_impl)
         self.in_types, self.kernel, self.stride = in_types, kernel, stride
         self.weight = nn.Parameter(torch.randn(kernel * kernel, in_types, out_types, 4, 4) * WEIGHT_STD)
 
     def output_size(self, size: int) -> int:
         return (size - self.kernel) // self.stride + 1
 
-    def _unfold(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, K*K, L): the K x K windows of each of the L parent positions."""
-        n, c = x.shape[:2]
-        return F.unfold(x, self.kernel, stride=self.stride).view(n, c, self.kernel * self.kernel, -1)
-
-    def _fold(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """(N, C, K*K, L) -> (N, C, H, W): sum each window entry back onto its child position."""
-        n, c = x.shape[:2]
-        return F.fold(x.reshape(n, c * self.kernel * self.kernel, -1), size, self.kernel, stride=self.stride)
-
-    def _fold_max(self, x: torch.Tensor, size: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
-        """(N, C, K*K, L) -> (N, C, H, W): max over the window entries of each child (-inf where none)."""
-        n, c = x.shape[:2]
-        k = self.kernel
-        x = x.view(n, c, k, k, out[0], out[1])
-        grid = x.new_full((n, c, size[0], size[1]), -math.inf)
-        rows, cols = _grid_slices(k, self.stride, out[0]), _grid_slices(k, self.stride, out[1])
-        for kh in range(k):
-            for kw in range(k):
-                view = grid[:, :, rows[kh], cols[kw]]
-                grid[:, :, rows[kh], cols[kw]] = torch.maximum(view, x[:, :, kh, kw])
-        return grid
+    def grid(self, h: int, w: int, device: torch.device) -> WindowGrid:
+        """The layer's windows over an H x W child grid."""
+        if min(self.output_size(h), self.output_size(w)) < 1:
+            raise ValueError(
+                f"ConvCaps with kernel {self.kernel} needs an input of at least {self.kernel}x"
+                f"{self.kernel}, got {h}x{w}: use a larger input size or fewer layers"
+            )
+        return WindowGrid(self.kernel, self.stride, (h, w), device)
 
     def _to_routing(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, K*K, L) -> (N * L, K*K * T): per parent position, children ordered (kernel position, type)."""
@@ -208,53 +235,67 @@ class ConvCaps(CapsuleLayer):
         kk = self.kernel * self.kernel
         return x.sum(1).view(n, nl // n, kk, -1).permute(0, 3, 2, 1)
 
-    def votes(self, poses: torch.Tensor) -> torch.Tensor:
+    def votes(self, poses: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
         """poses (N, T, 16, H, W) -> votes (N * L, O, K*K * T, 16), one batched matmul over (k, t).
 
-        The result is a strided view of the matmul's output: routing reads it once and never copies it.
+        The windows are a strided view of the poses, gathered into the matmul's layout by one copy; the result is
+        a strided view of the matmul's output: routing reads it once and never copies it.
         """
-        n, t = poses.shape[:2]
+        n, t, _, h, w = poses.shape
         kk, o = self.kernel * self.kernel, self.out_types
-        cols = self._unfold(poses.reshape(n, t * P, *poses.shape[-2:]))  # (N, T*16, K*K, L)
-        l = cols.shape[-1]
-        M = cols.view(n, t, P, kk, l).permute(3, 1, 0, 4, 2).reshape(kk * t, n * l, P)  # (KK*T, N*L, 16)
+        windows = grid.patches(poses.reshape(n, t * P, h, w)).unflatten(1, (t, P))  # (N, T, 16, H', W', K, K)
+        M = windows.permute(5, 6, 1, 0, 3, 4, 2).reshape(kk * t, -1, P)  # (KK*T, N*L, 16)
         W = pose_transform_matrix(self.weight.view(kk * t, o, 4, 4))  # (KK*T, 16, O*16)
-        V = torch.bmm(M, W.to(M.dtype)).view(kk, t, n * l, o, P)  # (KK, T, N*L, O, 16)
+        V = torch.bmm(M, W.to(M.dtype)).view(kk, t, M.shape[1], o, P)  # (KK, T, N*L, O, 16)
         return V.permute(2, 3, 0, 1, 4).flatten(2, 3)  # (N*L, O, KK*T, 16), a view
+
+    def child_poses(self, poses: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
+        """poses (N, T, 16, H, W) -> M (N * L, K*K * T, 16), each routing problem's children (the fused path)."""
+        n, t, _, h, w = poses.shape
+        windows = grid.patches(poses.reshape(n, t * P, h, w)).unflatten(1, (t, P))  # (N, T, 16, H', W', K, K)
+        return windows.permute(0, 3, 4, 5, 6, 1, 2).reshape(-1, self.kernel**2 * t, P)
+
+    def log_normaliser(self, per_window: torch.Tensor, grid: WindowGrid, n: int) -> torch.Tensor:
+        """Pitfall 3: per-window log-sum-exps over parents (N', I) -> each child's log-sum-exp over every parent of
+        every window that holds it, (N', I) in the same layout."""
+        windows = self._from_routing(per_window.unsqueeze(1), n, 1)  # (N, T, KK, L)
+        with torch.no_grad():
+            m = grid.fold_max(windows)  # (N, T, H, W) stabiliser
+            m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        s = grid.fold(torch.exp(windows - grid.unfold(m)))  # (N, T, H, W), >= 1 where covered
+        log_z = torch.log(torch.where(s > 0, s, torch.ones_like(s))) + m
+        return self._to_routing(grid.unfold(log_z))
 
     def route_capsules(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, _, h, w = poses.shape
-        o = self.out_types
-        out = (self.output_size(h), self.output_size(w))
-        if min(out) < 1:
-            raise ValueError(
-                f"ConvCaps with kernel {self.kernel} needs an input of at least {self.kernel}x"
-                f"{self.kernel}, got {h}x{w}: use a larger input size or fewer layers"
-            )
-        V = self.votes(poses)  # (N', O, I, P)
-        a_in = self._to_routing(self._unfold(activations))  # (N', I)
-        ones = torch.ones(1, 1, h, w, dtype=routing_dtype(V), device=poses.device)  # float32 also under autocast
-        fan_in = self._fold(self._unfold(ones), (h, w))  # (1, 1, H, W): windows holding each child
-        uniform = self._unfold(-torch.log(fan_in.clamp_min(1.0) * o)).expand(n, t, -1, -1)  # (N, T, KK, L)
-        log_R0 = self._to_routing(uniform).unsqueeze(1).expand(-1, o, -1)  # (N', O, I): 1 / (O * windows)
+        o, kk = self.out_types, self.kernel * self.kernel
+        grid = self.grid(h, w, poses.device)
+        a_in = self._to_routing(grid.unfold(activations))  # (N', I)
+        dtype = torch.promote_types(poses.dtype, torch.float32)  # routing's dtype: float32 also under autocast
+        ones = torch.ones(1, 1, h, w, dtype=dtype, device=poses.device)
+        fan_in = grid.fold(grid.unfold(ones))  # (1, 1, H, W): windows holding each child
+        uniform = grid.unfold(-torch.log(fan_in.clamp_min(1.0) * o)).expand(n, t, -1, -1)  # (N, T, KK, L)
+        log_R0 = self._to_routing(uniform)  # (N', I): 1 / (O * windows), the same for every parent
 
-        def normalise(log_p: torch.Tensor) -> torch.Tensor:
-            """Pitfall 3: log_p (N', O, I) -> log R, normalised over all parents at all positions of each child."""
-            per_window = torch.logsumexp(log_p, dim=1, keepdim=True)  # (N', 1, I)
-            windows = self._from_routing(per_window, n, 1)  # (N, T, KK, L)
+        if self.uses_fused(poses.device):
+            W = self.weight.view(kk * t, o, P)  # (I, O, 16): one transform per child
+            M = self.child_poses(poses, grid)
+            result = self._route_fused(M, W, None, a_in, log_R0, lambda L: self.log_normaliser(L, grid, n))
+            entropy = result.entropy  # (N', I)
+        else:
+
+            def normalise(log_p: torch.Tensor) -> torch.Tensor:
+                """log_p (N', O, I) -> log R, normalised over all parents at all positions of each child."""
+                return log_p - self.log_normaliser(torch.logsumexp(log_p, dim=1), grid, n).unsqueeze(1)
+
+            result = self._route(self.votes(poses, grid), a_in, log_R0.unsqueeze(1).expand(-1, o, -1), normalise)
             with torch.no_grad():
-                m = self._fold_max(windows, (h, w), out)  # (N, T, H, W) stabiliser
-                m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-            s = self._fold(torch.exp(windows - self._unfold(m)), (h, w))  # (N, T, H, W), >= 1 where covered
-            log_z = torch.log(torch.where(s > 0, s, torch.ones_like(s))) + m
-            return log_p - self._to_routing(self._unfold(log_z)).unsqueeze(1)
-
-        result = self._route(V, a_in, log_R0, normalise)
+                entropy = -(result.log_R.exp() * result.log_R).sum(1)  # (N', I)
         with torch.no_grad():
-            R = result.log_R.exp()
-            ent = self._fold(self._from_routing(-(R * result.log_R), n, o), (h, w))  # (N, T, H, W) per child
+            ent = grid.fold(self._from_routing(entropy.unsqueeze(1), n, 1))  # (N, T, H, W) per child
             covered = fan_in[0, 0] > 0  # (H, W): children in at least one window
             self._record(result.a_out, n, ent[:, :, covered])
+        out = grid.out
         poses_out = result.poses.view(n, out[0], out[1], o, P).permute(0, 3, 4, 1, 2)  # (N, O, 16, H', W')
         a_out = result.a_out.view(n, out[0], out[1], o).permute(0, 3, 1, 2)  # (N, O, H', W')
         return poses_out.contiguous(), a_out.contiguous()
@@ -278,8 +319,9 @@ class ClassCaps(CapsuleLayer):
         routing: RoutingSettings,
         coord_add: bool = True,
         routing_checkpoint: bool = False,
+        routing_impl: str = "auto",
     ):
-        super().__init__(classes, routing, routing_checkpoint)
+        super().__init__(classes, routing, routing_checkpoint, routing_impl)
         self.in_types, self.coord_add = in_types, coord_add
         self.weight = nn.Parameter(torch.randn(in_types, classes, 4, 4) * WEIGHT_STD)
         self.centre_scale = (1.0, 0.5)  # receptive-field centre = scale * index + offset, in input pixels
@@ -313,10 +355,20 @@ class ClassCaps(CapsuleLayer):
     def route_capsules(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, _, h, w = poses.shape
         o = self.out_types
-        V = self.votes(poses)  # (N, O, I, P)
         a_in = activations.reshape(n, t * h * w)  # (N, I), ordered (type, row, column)
-        log_R0 = V.new_full((n, o, t * h * w), -math.log(o), dtype=routing_dtype(V))
-        result = self._route(V, a_in, log_R0, normalise_over_parents)
-        with torch.no_grad():
-            self._record(result.a_out, n, -(result.log_R.exp() * result.log_R).sum(1))
+        if self.uses_fused(poses.device):
+            dtype = torch.promote_types(poses.dtype, torch.float32)
+            log_R0 = poses.new_full((n, t * h * w), -math.log(o), dtype=dtype)  # (N, I): uniform over the classes
+            M = poses.view(n, t, P, h * w).transpose(2, 3).reshape(n, t * h * w, P)  # (N, I, 16)
+            W = self.weight.view(t, 1, o, P).expand(t, h * w, o, P).reshape(t * h * w, o, P)  # (I, O, 16)
+            offsets = self.coordinates(h, w, poses.device, dtype).repeat(t, 1) if self.coord_add else None
+            result = self._route_fused(M, W, offsets, a_in, log_R0, lambda L: L)
+            entropy = result.entropy  # (N, I)
+        else:
+            V = self.votes(poses)  # (N, O, I, P)
+            log_R0 = V.new_full((n, o, t * h * w), -math.log(o), dtype=routing_dtype(V))
+            result = self._route(V, a_in, log_R0, normalise_over_parents)
+            with torch.no_grad():
+                entropy = -(result.log_R.exp() * result.log_R).sum(1)
+        self._record(result.a_out, n, entropy)
         return result.poses, result.a_out

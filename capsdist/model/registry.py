@@ -38,4 +38,5 @@ def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: in
         coord_add=model_cfg.coord_add,
         init=model_cfg.init,
         routing_checkpoint=model_cfg.routing_checkpoint,
+        routing_impl=model_cfg.routing_impl,
     )

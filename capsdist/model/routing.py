@@ -154,12 +154,29 @@ def m_step(
     Ra = torch.exp(log_R) * a_scaled  # (N', O, I)
     sum_Ra = Ra.sum(dim=2)  # (N', O)
     moments = votes.moments(Ra)  # (N', O, 2P): sum Ra V, sum Ra V^2
+    return parents_from_moments(sum_Ra, moments[..., :P], moments[..., P:], beta_u, beta_a, lam, settings, mu_before)
+
+
+def parents_from_moments(
+    sum_Ra: torch.Tensor,
+    sum_RaV: torch.Tensor,
+    sum_RaV2: torch.Tensor,
+    beta_u: torch.Tensor,
+    beta_a: torch.Tensor,
+    lam: float,
+    settings: RoutingSettings,
+    mu_before: torch.Tensor | None,
+) -> Parents:
+    """The rest of the M-step, from the moments of the votes about any origin (the fused path's is not 0):
+    sum_Ra (N', O) = sum_i Ra_ij, sum_RaV and sum_RaV2 (N', O, P) = sum_i Ra_ij V_ijh and sum_i Ra_ij V_ijh^2.
+    mu_before and the returned means are about the same origin.
+    """
     denom = sum_Ra.unsqueeze(-1).clamp_min(1e-10)  # a guard for parents with no data, exact otherwise
-    mu_new = moments[..., :P] / denom  # (N', O, P)
+    mu_new = sum_RaV / denom  # (N', O, P)
     alpha = settings.alpha
     mu = mu_new if (mu_before is None or alpha == 0.0) else (1.0 - alpha) * mu_new + alpha * mu_before
     # E[(V - mu)^2] = E[V^2] - 2 mu E[V] + mu^2 (exact for any mu, also when alpha moves mu off the mean)
-    mean_sq = moments[..., P:] / denom
+    mean_sq = sum_RaV2 / denom
     sigma_sq = (mean_sq - 2.0 * mu * mu_new + mu * mu).clamp_min(0.0) + settings.variance_floor  # pitfall 1
     log_sigma_sq = torch.log(sigma_sq)
     cost = (beta_u.unsqueeze(-1) + 0.5 * log_sigma_sq) * sum_Ra.unsqueeze(-1)  # (N', O, P)

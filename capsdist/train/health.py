@@ -13,11 +13,12 @@ import torch.nn as nn
 log = logging.getLogger("capsdist")
 
 
-def grad_norms(model: nn.Module) -> dict[str, float]:
-    """L2 norm of the gradients of each top-level submodule of `model` and of all of them ("total").
+def grad_norm_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L2 norm of the gradients of each top-level submodule of `model` and of all of them ("total"), as scalar
+    tensors on the gradients' device (no host synchronisation; the trainer reads them on log steps).
 
-    Call after backward and before the gradients are cleared; reads them on the host (log steps only).
-    Under DDP the gradients are already averaged over the ranks, so every rank gets the same values.
+    Call after backward and before the gradients are cleared. Under DDP the gradients are already averaged over
+    the ranks, so every rank gets the same values.
     """
     norms: dict[str, torch.Tensor] = {}
     for name, child in model.named_children():
@@ -27,7 +28,12 @@ def grad_norms(model: nn.Module) -> dict[str, float]:
     if not norms:
         return {}
     total = torch.stack(list(norms.values())).norm()
-    return {f"grad_norm/{name}": float(value) for name, value in {**norms, "total": total}.items()}
+    return {f"grad_norm/{name}": value for name, value in {**norms, "total": total}.items()}
+
+
+def grad_norms(model: nn.Module) -> dict[str, float]:
+    """`grad_norm_tensors`, read on the host."""
+    return {key: float(value) for key, value in grad_norm_tensors(model).items()}
 
 
 class ClassHealthMonitor:

@@ -3,7 +3,11 @@
 One `Trainer(cfg).fit()` call runs on every process. Per global step each rank takes its
 per_rank_batch = batch_size / world_size samples, and one all-reduce combines the ranks'
 loss, correct count, non-finite flag, skipped corrupt samples and stop request (SIGTERM/SIGINT), so all ranks skip,
-stop and log the same way. The data position (epoch, batches consumed) lives in `TrainState`;
+stop and log the same way. The step never waits for the device: the skip of a non-finite step is decided on the
+device (the all-reduced flag becomes the fused optimizer's found_inf), and the reduced values stay there until a
+host step (log, evaluation, checkpoint, epoch end), which reads all the steps since the last one at once, logs
+each, counts non-finite steps and skipped samples, and acts on stop requests (so in a multi-process run a stop
+request takes effect at the next host step). The data position (epoch, batches consumed) lives in `TrainState`;
 a resumed run recreates that epoch's loader and skips the consumed batches, which continues
 exactly on the same world size and at the same global sample count on another.
 """
@@ -17,6 +21,7 @@ import resource
 import signal
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import yaml
@@ -24,6 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
+from capsdist import threads
 from capsdist.config import Config, config_dict, save_config
 from capsdist.data import eval_loader, steps_per_epoch, train_loader
 from capsdist.errors import CheckpointError, ConfigError, TrainingError
@@ -32,7 +38,7 @@ from capsdist.run import data_options, load_data, make_accelerator, model_for_da
 from capsdist.train import checkpoint
 from capsdist.train.checkpoint import TrainState
 from capsdist.train.evaluation import evaluate
-from capsdist.train.health import ClassHealthMonitor, grad_norms
+from capsdist.train.health import ClassHealthMonitor, grad_norm_tensors
 from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
 from capsdist.train.tracking import Tracker, wandb_settings
 
@@ -69,7 +75,11 @@ class Trainer:
                 "test accuracy is optimistic; use val_accuracy for an honest estimate"
             )
 
+        if cfg.data.num_workers == "auto":  # resolved once per run: the data order depends on the worker count
+            saved = self._run_workers()
+            cfg.data.num_workers = threads.budget("auto").workers if saved is None else saved
         self.opts = data_options(cfg)
+        threads.apply(threads.budget(self.opts.num_workers), log)
         self.manifest = load_data(cfg, acc, self.opts)
         self.classes = list(self.manifest.classes)
         self.steps_per_epoch = steps_per_epoch(self.manifest, self.opts, cfg.train.batch_size)
@@ -96,7 +106,8 @@ class Trainer:
         self._signal: str | None = None  # a signal this process received
         self._stop = False  # all ranks agreed to stop (set from the step's all-reduce)
         self._nonfinite_run = 0  # consecutive skipped steps
-        self._grad_norms: dict[str, float] = {}  # of the last log step's backward
+        self._pending: list[_StepRecord] = []  # steps whose reduced values are still on the device
+        self._grad_norms: dict[str, torch.Tensor] = {}  # of the last log step's backward, on the device
         self.class_health = ClassHealthMonitor(cfg.logging.health_warn_steps)
         self._saved_step = self.state.step if self.resume_from is not None else -1
 
@@ -111,6 +122,15 @@ class Trainer:
         if resume == "auto":
             return checkpoint.latest(self.run_dir)
         return checkpoint.resolve(self.run_dir, resume)
+
+    def _run_workers(self) -> int | None:
+        """The loader worker count a resumed run was started with (its saved config.yaml), so that `auto` on a
+        machine with other cores continues the same data order; None for a new run."""
+        path = self.run_dir / "config.yaml"
+        if self.resume_from is None or not path.is_file():
+            return None
+        saved = (yaml.safe_load(path.read_text()) or {}).get("data", {}).get("num_workers")
+        return saved if isinstance(saved, int) and not isinstance(saved, bool) else None
 
     def _restore(self) -> None:
         self.state = checkpoint.load(self.accelerator, self.resume_from)
@@ -209,13 +229,17 @@ class Trainer:
                     raise
                 self._stop = True  # the signal also killed the loader's workers; state is at a step boundary
                 return last_eval
-            loss = self._train_step(batch)
+            self._train_step(batch)
             now = time.perf_counter()
-            window.add(now - tick, cfg.train.batch_size, loss)
+            window.add(now - tick, cfg.train.batch_size)
             bar.update(1)
             if state.step % cfg.logging.every_steps == 0:
+                window.last_loss = self._flush()
+                if window.last_loss is None:  # a skipped step's gradients are not finite: no norms to log
+                    self._grad_norms = {}
                 self.tracker.log(self._throughput(window), state.step)
-                bar.set_postfix(loss=f"{window.last_loss:.4f}", img_s=f"{window.images_per_s:.1f}")
+                loss_text = "skipped" if window.last_loss is None else f"{window.last_loss:.4f}"
+                bar.set_postfix(loss=loss_text, img_s=f"{window.images_per_s:.1f}")
                 window = _Window()
             if self._stop:
                 self._save()
@@ -229,82 +253,103 @@ class Trainer:
             if state.step >= self.total_steps:
                 return last_eval
             tick = time.perf_counter()
+        self._flush()  # the epoch's skipped samples are counted in it
         state.epoch, state.batch_in_epoch, state.epoch_skipped = state.epoch + 1, 0, 0
         return self._evaluate_and_save()
 
-    def _train_step(self, batch) -> float | None:
-        """One global step on this rank's batch; returns the global mean loss, None if skipped as non-finite."""
+    def _train_step(self, batch) -> None:
+        """One global step on this rank's batch, queued without reading any device value on the host.
+
+        A step whose loss is non-finite on any rank is skipped by every rank: the all-reduced flag goes to the
+        fused optimizer as found_inf, which then leaves weights, moments and step count alone (on the device; the
+        gradients may be non-finite and are dropped). `_flush` reads the reduced values on the next host step."""
         acc, state, model, batch_size = self.accelerator, self.state, self.model, self.cfg.train.batch_size
         images = batch.images.to(acc.device, non_blocking=True)  # (B, C, H, W)
         labels = batch.labels.to(acc.device, non_blocking=True)  # (B,)
         acts = model(images)  # (B, K)
         loss, margin = self.loss_fn(acts, labels, state.step)
-        finite = bool(torch.isfinite(loss))
-        local = torch.tensor(
+        finite = torch.isfinite(loss.detach())
+
+        def fill(value: float) -> torch.Tensor:  # a host number as a fill kernel: a copy from host memory would wait
+            return torch.full((), value, dtype=torch.float64, device=acc.device)
+
+        local = torch.stack(
             [
-                0.0 if finite else 1.0,
-                1.0 if self._signal else 0.0,
-                float((acts.argmax(1) == labels).sum()),
-                loss.item() * len(labels) if finite else 0.0,
-                float(batch.skipped),
-            ],
-            dtype=torch.float64,
-            device=acc.device,
+                (~finite).double(),
+                fill(1.0 if self._signal else 0.0),
+                (acts.detach().argmax(1) == labels).sum().double(),
+                torch.where(finite, loss.detach().double() * len(labels), 0.0),
+                fill(float(batch.skipped)),
+            ]
         )
-        nonfinite, stop, correct, loss_sum, skipped = acc.reduce(local, "sum").tolist()  # the step's one collective
+        reduced = acc.reduce(local, "sum")  # the step's one collective: nonfinite, stop, correct, loss sum, skipped
         lr = learning_rate(state.step, self.cfg.optim, self.schedule_steps)
-        if nonfinite:  # every rank skips backward and update together
-            self.optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_total += 1
-            self._nonfinite_run += 1
-            log.warning(
-                "step %d: non-finite loss on %d rank(s), step skipped (%d in a row)",
-                state.step + 1,
-                int(nonfinite),
-                self._nonfinite_run,
-            )
-        else:
-            acc.backward(loss)
-            if (state.step + 1) % self.cfg.logging.every_steps == 0:  # a log step: gradient norms before clipping
-                self._grad_norms = grad_norms(acc.unwrap_model(model))
-            if self.cfg.optim.grad_clip > 0:
-                acc.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
-            set_learning_rate(self.optimizer, lr)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self._nonfinite_run = 0
+        acc.backward(loss)
+        if (state.step + 1) % self.cfg.logging.every_steps == 0:  # a log step: gradient norms before clipping
+            self._grad_norms = grad_norm_tensors(acc.unwrap_model(model))
+        if self.cfg.optim.grad_clip > 0:
+            acc.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+        set_learning_rate(self.optimizer, lr)
+        self.optimizer.optimizer.found_inf = (reduced[0] > 0).float()  # fused Adam skips the update where 1
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batch_in_epoch += 1
         state.samples_seen += batch_size
-        self._stop = bool(stop)
-        mean_loss = None if nonfinite else loss_sum / batch_size
-        values = {
-            "train/loss": mean_loss,
-            "train/accuracy": correct / batch_size,
-            "lr": lr,
-            "epoch": state.epoch,
-            "train/nonfinite_total": state.nonfinite_total,
-            **self._count_skipped(int(skipped)),
-        }
-        if not math.isnan(margin):
-            values["margin"] = margin
-        self.tracker.log(values, state.step)
-        if self._nonfinite_run >= self.cfg.train.max_nonfinite:
-            raise TrainingError(
-                f"{self._nonfinite_run} non-finite losses in a row at step {state.step}; lower "
-                f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto"
-            )
-        return mean_loss
+        self._pending.append(_StepRecord(state.step, state.epoch, lr, margin, reduced))
+        if self.world == 1 and self._signal:  # a local flag: no device read needed to agree
+            self._stop = True
 
-    def _count_skipped(self, skipped: int) -> dict:
-        """Count corrupt samples skipped this step (all ranks); warn on the first; TrainingError when the epoch
-        has lost more than data.max_skipped_fraction of its samples. Returns the values to log."""
+    def _flush(self) -> float | None:
+        """Read the steps since the last host step (one device read), log each, count non-finite steps and
+        skipped samples. Returns the last step's mean loss (None if skipped); raises TrainingError after
+        train.max_nonfinite non-finite steps in a row or too many skipped samples."""
+        if not self._pending:
+            return None
+        records, self._pending = self._pending, []
+        batch_size, state, last = self.cfg.train.batch_size, self.state, None
+        values_per_step = torch.stack([r.reduced for r in records]).tolist()
+        for record, (nonfinite, stop, correct, loss_sum, skipped) in zip(records, values_per_step):
+            if nonfinite:
+                state.nonfinite_total += 1
+                self._nonfinite_run += 1
+                log.warning(
+                    "step %d: non-finite loss on %d rank(s), step skipped (%d in a row)",
+                    record.step,
+                    int(nonfinite),
+                    self._nonfinite_run,
+                )
+            else:
+                self._nonfinite_run = 0
+            self._stop = self._stop or bool(stop)
+            last = None if nonfinite else loss_sum / batch_size
+            values = {
+                "train/loss": last,
+                "train/accuracy": correct / batch_size,
+                "lr": record.lr,
+                "epoch": record.epoch,
+                "train/nonfinite_total": state.nonfinite_total,
+                **self._count_skipped(int(skipped), record.step),
+            }
+            if not math.isnan(record.margin):
+                values["margin"] = record.margin
+            self.tracker.log(values, record.step)
+            if self._nonfinite_run >= self.cfg.train.max_nonfinite:
+                raise TrainingError(
+                    f"{self._nonfinite_run} non-finite losses in a row at step {record.step}; lower "
+                    f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto"
+                )
+        return last
+
+    def _count_skipped(self, skipped: int, step: int) -> dict:
+        """Count corrupt samples skipped at global `step` (all ranks); warn on the first; TrainingError when the
+        epoch has lost more than data.max_skipped_fraction of its samples. Returns the values to log."""
         state, limit = self.state, self.cfg.data.max_skipped_fraction
         if skipped and not state.skipped_total:
             log.warning(
                 "step %d: %d corrupt training samples skipped (data.skip_corrupt); their slots repeat good "
                 "samples; prepare the dataset again: %s",
-                state.step,
+                step,
                 skipped,
                 self.manifest.prepare_command(),
             )
@@ -332,7 +377,7 @@ class Trainer:
                 values[f"health/{layer}/{key}"] = value
         if "classcaps" in stats:
             self.class_health.update(stats["classcaps"], self.state.step)
-        values.update(self._grad_norms)
+        values.update({key: float(value) for key, value in self._grad_norms.items()})
         self._grad_norms = {}
         return values
 
@@ -340,6 +385,7 @@ class Trainer:
 
     def _evaluate_and_save(self) -> dict:
         """Evaluate val (and test); log; write a step checkpoint; update `best` when it improved."""
+        self._flush()
         state, cfg = self.state, self.cfg
         model = self.accelerator.unwrap_model(self.model)
         metrics: dict = {"step": state.step}
@@ -382,6 +428,7 @@ class Trainer:
 
     def _save(self) -> Path:
         """Write the step checkpoint (once per step); NaN weights are refused."""
+        self._flush()
         path = checkpoint.checkpoint_dir(self.run_dir) / f"step-{self.state.step:07d}"
         if self._saved_step == self.state.step:
             return path
@@ -404,15 +451,24 @@ class Trainer:
         )
 
 
+class _StepRecord(NamedTuple):
+    """A step's host values and its all-reduced (nonfinite, stop, correct, loss sum, skipped), still on the device."""
+
+    step: int
+    epoch: int
+    lr: float
+    margin: float
+    reduced: torch.Tensor
+
+
 class _Window:
-    """Step timings (data wait included) since the last throughput log."""
+    """Step timings (data wait included) since the last throughput log, and the last loss read (None: skipped)."""
 
     def __init__(self):
-        self.steps, self.seconds, self.images, self.last_loss = 0, 0.0, 0, math.nan
+        self.steps, self.seconds, self.images, self.last_loss = 0, 0.0, 0, None
 
-    def add(self, seconds: float, images: int, loss: float | None) -> None:
+    def add(self, seconds: float, images: int) -> None:
         self.steps, self.seconds, self.images = self.steps + 1, self.seconds + seconds, self.images + images
-        self.last_loss = math.nan if loss is None else loss
 
     @property
     def images_per_s(self) -> float:
