@@ -19,7 +19,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--checkpoint", default="best", metavar="best|latest|PATH")
-    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val", "test_familiar"],
+        help="test_familiar: with data.viewpoint set, the test images at the training viewpoints "
+        "(test then holds the novel ones)",
+    )
     add_set_option(parser)
     args = parser.parse_args(argv)
 

@@ -17,7 +17,7 @@ import torch
 from capsdist.data import shards
 from capsdist.data import DataOptions, eval_loader, input_shape, load_manifest, steps_per_epoch, train_loader
 from capsdist.data.plan import TRAIN_AZIMUTHS, TRAIN_ELEVATIONS
-from capsdist.data.transforms import standardize
+from capsdist.data.transforms import normalise, standardize
 from capsdist.errors import ConfigError, DataError
 from test_data_formats import make_norb_source, trust
 
@@ -172,11 +172,46 @@ def test_viewpoint_splits(norb, viewpoint, column, allowed):
         i for i in range(N_TEST) if raw["test"]["info"][src_of(path, manifest, "test", i), column] not in allowed
     }
     assert tested == expected_test and 0 < len(tested) < N_TEST
+    familiar = set(eval_indices(manifest, o, "test_familiar"))  # test images at the training viewpoints
+    assert familiar == set(range(N_TEST)) - expected_test and familiar
+
+
+def test_the_familiar_test_subset_needs_a_viewpoint_split(norb):
+    path, _ = norb
+    with pytest.raises(ConfigError, match="test_familiar .* needs a viewpoint split: set data.viewpoint"):
+        eval_indices(load_manifest(path), opts(path), "test_familiar")
 
 
 def test_viewpoint_constants_are_the_papers():
     assert {a * 10 for a in TRAIN_AZIMUTHS} == {300, 320, 340, 0, 20, 40}  # azimuth index * 10 degrees
     assert TRAIN_ELEVATIONS == {0, 1, 2}  # the 3 lowest of elevation indices 0..8
+
+
+@pytest.mark.parametrize("channels", ["both", "left"])
+def test_pixels_only_gives_pixels_that_normalise_into_the_model_input(norb, channels):
+    path, raw = norb
+    manifest = load_manifest(path)
+    o = opts(path, channels=channels)
+    images = next(iter(eval_loader(manifest, o, "test", rank=0, world_size=1, per_rank_batch=5))).images
+    batch = next(iter(eval_loader(manifest, o, "test", rank=0, world_size=1, per_rank_batch=5, pixels_only=True)))
+    assert batch.images.shape == (5, 2 if channels == "both" else 1, 48, 48)
+    assert input_shape("smallnorb", manifest.image_shape, channels, pixels_only=True) == batch.images.shape[1:]
+    src = src_of(path, manifest, "test", int(batch.index[0]))
+    views = torch.from_numpy(raw["test"]["images"][src]).float() / 255
+    expected = torch.nn.functional.avg_pool2d(views[None], 2)[0]  # 96 -> 48, in [0, 1]
+    np.testing.assert_allclose(batch.images[0], expected[: batch.images.shape[1]], atol=1e-6)
+    np.testing.assert_allclose(normalise("smallnorb", batch.images), images, atol=1e-5)  # batched
+
+
+def test_an_eval_limit_keeps_the_first_samples_in_index_order(norb):
+    path, _ = norb
+    manifest = load_manifest(path)
+    o = opts(path, viewpoint="azimuth")
+    first = sorted(eval_indices(manifest, o, "test"))[:7]
+    loader = eval_loader(manifest, o, "test", rank=0, world_size=1, per_rank_batch=4, limit=7)
+    assert sorted(i for i in indices(loader) if i >= 0) == first  # workers interleave their batches
+    with pytest.raises(DataError, match="limit 0"):
+        eval_loader(manifest, o, "test", rank=0, world_size=1, per_rank_batch=4, limit=0)
 
 
 def test_truncated_shard_errors_by_default_and_counts_skips(norb, tmp_path):

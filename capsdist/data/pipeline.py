@@ -139,22 +139,40 @@ def train_loader(
     return EpochLoader(stream, opts.num_workers, total - start_batch, f"train epoch {epoch} rank {rank}")
 
 
+EVAL_SPLITS = ("val", "test", "test_familiar")
+
+
 def eval_loader(
-    manifest: Manifest, opts: DataOptions, split: str, *, rank: int, world_size: int, per_rank_batch: int
+    manifest: Manifest,
+    opts: DataOptions,
+    split: str,
+    *,
+    rank: int,
+    world_size: int,
+    per_rank_batch: int,
+    limit: int | None = None,
+    pixels_only: bool = False,
 ) -> EpochLoader:
-    """This rank's share of split "val" or "test", in order; the same number of batches on every rank.
+    """This rank's share of split "val", "test" or "test_familiar", in order; the same number of batches on every rank.
 
     Across ranks every selected sample appears exactly once with index >= 0; padding rows have
     index -1 and label -1. With val_strategy "test", "val" is the test split (and says so loudly).
+    "test_familiar" is the test images at the training viewpoints of data.viewpoint (then "test" holds the
+    novel ones). `limit` keeps the first `limit` selected samples in index order. With `pixels_only` the images
+    are pixels in [0, 1] before normalisation (capsdist.data.transforms.normalise makes them model inputs).
     """
-    if split not in ("val", "test"):
-        raise DataError(f"eval split {split!r}: expected 'val' or 'test'")
+    if split not in EVAL_SPLITS:
+        raise DataError(f"eval split {split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     if split == "val" and opts.val_strategy == "test":
         log.warning(
             "val_strategy=test: validation uses the TEST split, so model selection sees the test "
             "set and test accuracy is optimistic; use random or loio for an honest estimate"
         )
     source, indices = _select(manifest, opts, split)
+    if limit is not None:
+        if limit < 1:
+            raise DataError(f"eval limit {limit}: keep at least 1 sample")
+        indices = indices[:limit]
     worker_plans = plans.eval_plan(
         manifest,
         source,
@@ -165,7 +183,14 @@ def eval_loader(
         per_rank_batch=per_rank_batch,
     )
     transform = SampleTransform(
-        manifest.dataset, train=False, augment=False, channels=opts.channels, pad_crop=0, seed=opts.seed, epoch=0
+        manifest.dataset,
+        train=False,
+        augment=False,
+        channels=opts.channels,
+        pad_crop=0,
+        seed=opts.seed,
+        epoch=0,
+        pixels_only=pixels_only,
     )
     stream = _Stream(
         manifest,
@@ -177,7 +202,7 @@ def eval_loader(
         shuffle=None,
         skip_corrupt=opts.skip_corrupt,
         start_batch=0,
-        shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels),
+        shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels, pixels_only=pixels_only),
     )
     total = sum(p.num_batches for p in worker_plans)
     return EpochLoader(stream, opts.num_workers, total, f"{split} rank {rank}")

@@ -45,9 +45,20 @@ class WorkerPlan:
 def select(
     manifest: Manifest, role: str, *, val_strategy: str, val_fraction: float, viewpoint: str, seed: int
 ) -> tuple[str, np.ndarray]:
-    """(split name, sorted int64 sample indices) used for `role` in {"train", "val", "test"}."""
+    """(split name, sorted int64 sample indices) used for `role` in {"train", "val", "test", "test_familiar"}.
+
+    With a viewpoint split, "test" is the test images at the novel viewpoints and "test_familiar" those at the
+    training viewpoints (the paper compares models on both); "test_familiar" needs a viewpoint split.
+    """
     if role == "test" or (role == "val" and val_strategy == "test"):
         return "test", np.flatnonzero(_viewpoint_mask(manifest, "test", viewpoint, train=False))
+    if role == "test_familiar":
+        if viewpoint == "none":
+            raise ConfigError(
+                "test_familiar (test images at the training viewpoints) needs a viewpoint split: "
+                "set data.viewpoint to azimuth or elevation"
+            )
+        return "test", np.flatnonzero(_viewpoint_mask(manifest, "test", viewpoint, train=True))
     if val_strategy not in ("random", "loio", "test"):
         raise ConfigError(f"val_strategy {val_strategy!r}: expected random, loio or test")
     candidates = np.flatnonzero(_viewpoint_mask(manifest, "train", viewpoint, train=True))
