@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from capsdist.errors import ConfigError
+from capsdist.files import write_figure
 
 
 @dataclass
@@ -93,10 +94,6 @@ def plot_curves(runs: list[Curves], out: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    write_figure(out, fig)
     plt.close(fig)
-    tmp.replace(out)
-    return out
+    return Path(out)

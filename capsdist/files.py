@@ -1,12 +1,13 @@
 """Durable files: atomic writes (temporary name, fsync, rename, directory fsync) and sha256 digests.
 
 Used wherever a crash must leave either the old file or the new one, never a mix: the shards'
-manifest, checkpoint metadata, the run's config.
+manifest, checkpoint metadata, the run's config, evaluation and experiment results, plots.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 from pathlib import Path
@@ -22,6 +23,16 @@ def write_atomic(path: str | Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_figure(path: str | Path, figure, dpi: int = 110) -> Path:
+    """Write a matplotlib `figure` as a PNG to `path` atomically (parent folders made); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    write_atomic(path, buffer.getvalue())
+    return path
 
 
 def copy_durable(source: str | Path, target: str | Path) -> None:
