@@ -1,4 +1,4 @@
-"""The paper's experiments beyond accuracy, capsules against the CNN baseline: `python launch/experiment.py viewpoints|adversarial ...`.
+"""The paper's experiments beyond accuracy, capsules against the CNN baseline: `experiment.py viewpoints|adversarial`.
 
 viewpoints   smallNORB novel viewpoints (capsdist.experiments.viewpoints). Either train both models here:
                  --config CONFIG --split azimuth|elevation --out DIR [--set K=V ...] [--cnn-set K=V ...]
