@@ -135,8 +135,13 @@ def test_adversarial_end_to_end_with_wandb_offline(tiny_runs, tmp_path):
         assert evaluated.returncode == 0, evaluated.stderr[-3000:]
         assert m["clean_accuracy"] == json.loads((Path(m["run_dir"]) / "eval-best-test.json").read_text())["accuracy"]
     assert "wandb sync" in result.stdout
-    (history,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
-    assert history.stat().st_size > 0
+    (media,) = (out / "wandb").glob("offline-run-*/files/media/table/bim-targeted")  # line plots are W&B tables
+    (accuracy,) = media.glob("accuracy_table_*.table.json")
+    plotted = json.loads(accuracy.read_text())
+    assert plotted["columns"] == ["step", "lineKey", "lineVal"]  # x = epsilon, one line per model
+    assert plotted["data"] == [[eps, m["label"], acc] for m in table["models"] for eps, acc in zip(table["eps"],
+                                                                                                  m["accuracy"])]
+    assert len(list(media.glob("success_rate_table_*.table.json"))) == 1
 
 
 def test_adversarial_untargeted_fgsm_on_the_first_images(tiny_runs, tmp_path):
