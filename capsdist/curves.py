@@ -94,6 +94,6 @@ def plot_curves(runs: list[Curves], out: str | Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    write_figure(out, fig)
+    path = write_figure(out, fig)
     plt.close(fig)
-    return Path(out)
+    return path
