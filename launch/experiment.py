@@ -9,7 +9,7 @@ viewpoints   smallNORB novel viewpoints (capsdist.experiments.viewpoints). Eithe
              familiar and novel test viewpoints; writes DIR/viewpoints-<split>.json, .md and .png.
 adversarial  FGSM or BIM (capsdist.attacks) against the checkpoint of each run:
                  --run-dir DIR[=LABEL] ... --attack fgsm|bim --targeted|--untargeted --eps 0 0.01 0.05 ... --out DIR
-                 [--limit N] [--steps N] [--checkpoint best|latest|PATH] [--seed S] [--set K=V ...]
+                 [--limit N] [--steps N] [--checkpoint best|latest|PATH ...] [--seed S] [--set K=V ...]
              writes DIR/adversarial-<attack>-<targeted|untargeted>.json, .md and .png, and logs W&B line plots when
              the first run's config enables W&B (--set logging.wandb.mode=disabled turns it off).
 
@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--out", required=True, help="folder for the results")
     adv.add_argument("--limit", type=int, help="attack the first N test images (default: all)")
     adv.add_argument("--steps", type=int, help="BIM iterations (default 10), each of 2.5 * eps / steps")
-    adv.add_argument("--checkpoint", default="best", metavar="best|latest|PATH")
+    adv.add_argument("--checkpoint", action="append", metavar="best|latest|PATH",
+                     help="the checkpoint to attack (default best): once for all runs, or once per --run-dir, in order")
     adv.add_argument("--seed", type=int, default=0, help="draws the targets of a targeted attack")
     add_set_option(adv)
     return parser
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit {args.limit}: attack at least 1 image")
         spec = AttackSpec(args.attack, args.targeted, tuple(args.eps), steps=args.steps or BIM_STEPS, seed=args.seed)
-        run_adversarial(_runs(args.run_dir), args.out, spec, limit=args.limit, which=args.checkpoint,
+        run_adversarial(_runs(args.run_dir), args.out, spec, limit=args.limit, checkpoints=args.checkpoint or ["best"],
                         overrides=args.overrides)
 
     return run_cli(viewpoints if args.experiment == "viewpoints" else adversarial)

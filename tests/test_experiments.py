@@ -144,13 +144,16 @@ def test_adversarial_end_to_end_with_wandb_offline(tiny_runs, tmp_path):
     assert len(list(media.glob("success_rate_table_*.table.json"))) == 1
 
 
-def test_adversarial_untargeted_fgsm_on_the_first_images(tiny_runs, tmp_path):
-    result = run(EXPERIMENT + ["adversarial", "--run-dir", str(tiny_runs["caps"]), "--attack", "fgsm",
-                               "--untargeted", "--eps", "0", "0.3", "--limit", "20", "--out", str(tmp_path),
-                               "--set", "logging.wandb.mode=disabled"])
+def test_adversarial_untargeted_fgsm_on_the_first_images_and_chosen_checkpoints(tiny_runs, tmp_path):
+    step5 = tiny_runs["caps"] / "checkpoints" / "step-0000005"
+    result = run(EXPERIMENT + ["adversarial", "--run-dir", str(tiny_runs["caps"]), "--checkpoint", "best",
+                               "--run-dir", f"{tiny_runs['caps']}=caps at step 5", "--checkpoint", str(step5),
+                               "--attack", "fgsm", "--untargeted", "--eps", "0", "0.3", "--limit", "20", "--out",
+                               str(tmp_path), "--set", "logging.wandb.mode=disabled"])
     assert result.returncode == 0, result.stderr[-3000:]
-    (model,) = json.loads((tmp_path / "adversarial-fgsm-untargeted.json").read_text())["models"]
-    assert model["count"] == 20 and model["label"] == "caps" and model["success_rate"][0] == 0.0
+    best, early = json.loads((tmp_path / "adversarial-fgsm-untargeted.json").read_text())["models"]
+    assert (best["label"], best["step"], early["label"], early["step"]) == ("caps", 6, "caps at step 5", 5)
+    assert best["count"] == early["count"] == 20 and best["success_rate"][0] == 0.0
     assert not (tmp_path / "wandb").exists()
 
 
@@ -158,6 +161,8 @@ def test_adversarial_untargeted_fgsm_on_the_first_images(tiny_runs, tmp_path):
     (["--attack", "fgsm", "--untargeted", "--eps", "-0.1"], "eps [-0.1]: give one or more epsilons in [0, 1]"),
     (["--attack", "fgsm", "--untargeted", "--eps", "0.1", "--steps", "5"], "--steps sets BIM's iterations"),
     (["--attack", "bim", "--untargeted", "--eps", "0.1", "--limit", "0"], "--limit 0: attack at least 1 image"),
+    (["--attack", "bim", "--targeted", "--eps", "0.1", "--checkpoint", "best", "--checkpoint", "latest"],
+     "2 checkpoints for 1 runs: give one for all, or one per run"),
 ])
 def test_adversarial_arguments_a_user_can_get_wrong(tmp_path, capsys, args, message):
     assert _script("experiment").main(["adversarial", "--run-dir", str(tmp_path), "--out", str(tmp_path), *args]) == 2

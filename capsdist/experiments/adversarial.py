@@ -1,8 +1,9 @@
 """The paper's adversarial experiment: accuracy and attack success rate against epsilon, for several trained runs.
 
-Each run's checkpoint (`best` by default) is attacked (capsdist.attacks: FGSM or BIM, untargeted or targeted) on
-the same images: the first `limit` images of the test split in index order, which is the shards' order, a fixed
-seeded shuffle made at preparation (all of the split without a limit). Epsilon is in pixel units of [0, 1].
+The chosen checkpoint of each run (`best` by default) is attacked (capsdist.attacks: FGSM or BIM, untargeted or
+targeted) on the same images: the first `limit` images of the test split in index order, which is the shards'
+order, a fixed seeded shuffle made at preparation (all of the split without a limit). Epsilon is in pixel units of
+[0, 1].
 
 Success rate, untargeted: of the images the model classified correctly before the attack, the fraction it
 misclassifies after. Targeted: the fraction of all images classified as their target class after the attack
@@ -100,14 +101,18 @@ def _test_images(run: OpenRun) -> tuple:
 
 
 def run_adversarial(runs: list[tuple[Path, str]], out: str | Path, spec: AttackSpec, *, limit: int | None = None,
-                    which: str = "best", overrides: list[str] = ()) -> dict:
-    """Attack checkpoint `which` of every (run dir, label) in `runs` with `spec`; write and log the curves.
+                    checkpoints: list[str] = ("best",), overrides: list[str] = ()) -> dict:
+    """Attack every (run dir, label) in `runs` with `spec`; write and log the curves.
 
-    `overrides` ("a.b=c") apply to every run's config.yaml (for example data.shards when the shards moved).
-    Returns the result written to JSON.
+    `checkpoints`: the checkpoint of each run (best, latest or a path), or one for all. `overrides` ("a.b=c") apply
+    to every run's config.yaml (for example data.shards when the shards moved). Returns the result written to JSON.
     """
     if not runs:
         raise ConfigError("name at least one run directory to attack")
+    if len(checkpoints) not in (1, len(runs)):
+        raise ConfigError(f"{len(checkpoints)} checkpoints for {len(runs)} runs: give one for all, or one per run "
+                          "in the order of the runs")
+    checkpoints = list(checkpoints) * len(runs) if len(checkpoints) == 1 else list(checkpoints)
     opened, accelerator = [], None
     for run_dir, label in runs:
         run = open_run(run_dir, overrides, accelerator)
@@ -119,7 +124,7 @@ def run_adversarial(runs: list[tuple[Path, str]], out: str | Path, spec: AttackS
             raise ConfigError(f"{run.run_dir} and {opened[0][0].run_dir} test on different images (other dataset, "
                               "shards or viewpoint split); point them at the same shards with --set data.shards=DIR")
     models = []
-    for run, label in opened:
+    for (run, label), which in zip(opened, checkpoints):
         path, step = run.load(which)
         scores = attack_run(run, spec, limit, label)
         models.append({"label": label, "run_dir": str(run.run_dir), "model": run.cfg.model.size,
