@@ -39,8 +39,16 @@ def attack_loss(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     return torch.log(a.sum(dim=1)) - torch.log(a.gather(1, classes.unsqueeze(1))).squeeze(1)
 
 
-def bim(forward: Forward, pixels: torch.Tensor, labels: torch.Tensor, eps: float, *, steps: int = BIM_STEPS,
-        step_size: float | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
+def bim(
+    forward: Forward,
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    eps: float,
+    *,
+    steps: int = BIM_STEPS,
+    step_size: float | None = None,
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Basic iterative method: adversarial pixels (N, C, H, W) with |x' - x| <= eps everywhere and x' in [0, 1].
 
     pixels (N, C, H, W) in [0, 1], labels (N,). With `targets` (N,) the attack pushes each image towards its target
@@ -63,8 +71,9 @@ def bim(forward: Forward, pixels: torch.Tensor, labels: torch.Tensor, eps: float
     return x
 
 
-def fgsm(forward: Forward, pixels: torch.Tensor, labels: torch.Tensor, eps: float, *,
-         targets: torch.Tensor | None = None) -> torch.Tensor:
+def fgsm(
+    forward: Forward, pixels: torch.Tensor, labels: torch.Tensor, eps: float, *, targets: torch.Tensor | None = None
+) -> torch.Tensor:
     """Fast gradient sign method: one step of size eps (BIM with one step); shapes and targets as for `bim`."""
     return bim(forward, pixels, labels, eps, steps=1, step_size=eps, targets=targets)
 

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from capsdist.cli import add_set_option
+from capsdist.cli import add_set_option, setup_process
 from capsdist.errors import ConfigError, run_cli
 
 
@@ -31,8 +31,9 @@ def _runs(specs: list[str]) -> list[tuple[Path, str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     commands = parser.add_subparsers(dest="experiment", required=True)
 
     views = commands.add_parser("viewpoints", help="smallNORB: familiar vs novel viewpoints at matched accuracy")
@@ -42,12 +43,24 @@ def _parser() -> argparse.ArgumentParser:
     views.add_argument("--split", choices=["azimuth", "elevation"], help="required with --config")
     views.add_argument("--out", required=True, help="folder for the results (and, with --config, the two runs)")
     add_set_option(views)
-    views.add_argument("--cnn-set", nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest="cnn_overrides",
-                       help="with --config: overrides for the CNN run only, after the CNN recipe")
+    views.add_argument(
+        "--cnn-set",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="cnn_overrides",
+        help="with --config: overrides for the CNN run only, after the CNN recipe",
+    )
 
     adv = commands.add_parser("adversarial", help="FGSM / BIM: accuracy and success rate against epsilon")
-    adv.add_argument("--run-dir", action="append", required=True, metavar="RUN_DIR[=LABEL]",
-                     help="a trained run to attack; repeat for each model")
+    adv.add_argument(
+        "--run-dir",
+        action="append",
+        required=True,
+        metavar="RUN_DIR[=LABEL]",
+        help="a trained run to attack; repeat for each model",
+    )
     adv.add_argument("--attack", required=True, choices=["fgsm", "bim"])
     targeted = adv.add_mutually_exclusive_group(required=True)
     targeted.add_argument("--targeted", dest="targeted", action="store_true", help="towards a wrong class per image")
@@ -56,8 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--out", required=True, help="folder for the results")
     adv.add_argument("--limit", type=int, help="attack the first N test images (default: all)")
     adv.add_argument("--steps", type=int, help="BIM iterations (default 10), each of 2.5 * eps / steps")
-    adv.add_argument("--checkpoint", action="append", metavar="best|latest|PATH",
-                     help="the checkpoint to attack (default best): once for all runs, or once per --run-dir, in order")
+    adv.add_argument(
+        "--checkpoint",
+        action="append",
+        metavar="best|latest|PATH",
+        help="the checkpoint to attack (default best): once for all runs, or once per --run-dir, in order",
+    )
     adv.add_argument("--seed", type=int, default=0, help="draws the targets of a targeted attack")
     add_set_option(adv)
     return parser
@@ -88,11 +105,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.limit is not None and args.limit < 1:
             raise ConfigError(f"--limit {args.limit}: attack at least 1 image")
         spec = AttackSpec(args.attack, args.targeted, tuple(args.eps), steps=args.steps or BIM_STEPS, seed=args.seed)
-        run_adversarial(_runs(args.run_dir), args.out, spec, limit=args.limit, checkpoints=args.checkpoint or ["best"],
-                        overrides=args.overrides)
+        run_adversarial(
+            _runs(args.run_dir),
+            args.out,
+            spec,
+            limit=args.limit,
+            checkpoints=args.checkpoint or ["best"],
+            overrides=args.overrides,
+        )
 
     return run_cli(viewpoints if args.experiment == "viewpoints" else adversarial)
 
 
 if __name__ == "__main__":
+    setup_process()
     sys.exit(main())

@@ -17,7 +17,7 @@ from capsdist.data.plan import TRAIN_AZIMUTHS
 from capsdist.experiments.viewpoints import Point, match
 from test_cli import _script
 from test_data_formats import make_norb_source, trust
-from train_helpers import REPO, TEST, TINY, run, tiny_shards, train_command  # noqa: F401
+from train_helpers import REPO, TEST, TINY, run, train_command
 
 EXPERIMENT = [sys.executable, str(REPO / "launch" / "experiment.py")]
 NORB_TRAIN, NORB_TEST = 90, 45  # azimuth split: 30 training images (27 train + 3 val), 15 familiar + 30 novel test
@@ -50,12 +50,29 @@ def norb_shards(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_viewpoints_end_to_end_on_a_smallnorb_fixture(norb_shards, tmp_path):
     path, raw = norb_shards
-    config = write_config(tmp_path / "norb.yaml", data={"dataset": "smallnorb", "shards": str(path)},
-                          train={"batch_size": 8, "epochs": 3}, eval={"batch_size": 16},
-                          checkpoint={"every_steps": 1})
+    config = write_config(
+        tmp_path / "norb.yaml",
+        data={"dataset": "smallnorb", "shards": str(path)},
+        train={"batch_size": 8, "epochs": 3},
+        eval={"batch_size": 16},
+        checkpoint={"every_steps": 1},
+    )
     out = tmp_path / "out"
-    result = run(EXPERIMENT + ["viewpoints", "--config", str(config), "--split", "azimuth", "--out", str(out),
-                               "--cnn-set", "model.size=cnn-small"], timeout=400)
+    result = run(
+        EXPERIMENT
+        + [
+            "viewpoints",
+            "--config",
+            str(config),
+            "--split",
+            "azimuth",
+            "--out",
+            str(out),
+            "--cnn-set",
+            "model.size=cnn-small",
+        ],
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((out / "viewpoints-azimuth.json").read_text())
     assert png(out / "viewpoints-azimuth.png")
@@ -79,16 +96,39 @@ def test_viewpoints_end_to_end_on_a_smallnorb_fixture(norb_shards, tmp_path):
 
     # launch/evaluate.py on the familiar subset agrees with the experiment's figure for that checkpoint
     chosen = other["matched"]
-    evaluated = run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--run-dir", other["run_dir"],
-                     "--checkpoint", chosen["checkpoint"], "--split", "test_familiar"])
+    evaluated = run(
+        [
+            sys.executable,
+            str(REPO / "launch" / "evaluate.py"),
+            "--run-dir",
+            other["run_dir"],
+            "--checkpoint",
+            chosen["checkpoint"],
+            "--split",
+            "test_familiar",
+        ]
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    written = json.loads((Path(other["run_dir"]) / f"eval-{Path(chosen['checkpoint']).name}-test_familiar.json")
-                         .read_text())
+    written = json.loads(
+        (Path(other["run_dir"]) / f"eval-{Path(chosen['checkpoint']).name}-test_familiar.json").read_text()
+    )
     assert written["accuracy"] == chosen["familiar"] and written["count"] == familiar
 
     # the same two runs compared again from their directories give the same table
-    again = run(EXPERIMENT + ["viewpoints", "--run-dir", f"{out / 'capsules'}=capsules", "--run-dir",
-                              f"{out / 'cnn'}=cnn", "--split", "azimuth", "--out", str(tmp_path / "again")])
+    again = run(
+        EXPERIMENT
+        + [
+            "viewpoints",
+            "--run-dir",
+            f"{out / 'capsules'}=capsules",
+            "--run-dir",
+            f"{out / 'cnn'}=cnn",
+            "--split",
+            "azimuth",
+            "--out",
+            str(tmp_path / "again"),
+        ]
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "again" / "viewpoints-azimuth.json").read_text()) == table
 
@@ -110,8 +150,12 @@ def tiny_runs(tiny_shards, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adv-runs")
     runs = {}
     for name, model in (("caps", {}), ("cnn", {"size": "cnn-small"})):
-        config = write_config(root / f"{name}.yaml", data={"shards": str(tiny_shards)}, model=model,
-                              loss={"name": "categorical_crossentropy"} if model else {})
+        config = write_config(
+            root / f"{name}.yaml",
+            data={"shards": str(tiny_shards)},
+            model=model,
+            loss={"name": "categorical_crossentropy"} if model else {},
+        )
         runs[name] = root / name
         trained = run(train_command(config, "--max-steps", "6", "--run-dir", str(runs[name])))
         assert trained.returncode == 0, trained.stderr[-3000:]
@@ -120,9 +164,28 @@ def tiny_runs(tiny_shards, tmp_path_factory) -> dict[str, Path]:
 
 def test_adversarial_end_to_end_with_wandb_offline(tiny_runs, tmp_path):
     out = tmp_path / "out"
-    result = run(EXPERIMENT + ["adversarial", "--run-dir", f"{tiny_runs['caps']}=capsules", "--run-dir",
-                               f"{tiny_runs['cnn']}=cnn", "--attack", "bim", "--targeted", "--steps", "3",
-                               "--eps", "0", "0.1", "--out", str(out), "--set", "logging.wandb.mode=offline"])
+    result = run(
+        EXPERIMENT
+        + [
+            "adversarial",
+            "--run-dir",
+            f"{tiny_runs['caps']}=capsules",
+            "--run-dir",
+            f"{tiny_runs['cnn']}=cnn",
+            "--attack",
+            "bim",
+            "--targeted",
+            "--steps",
+            "3",
+            "--eps",
+            "0",
+            "0.1",
+            "--out",
+            str(out),
+            "--set",
+            "logging.wandb.mode=offline",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads((out / "adversarial-bim-targeted.json").read_text())
     assert png(out / "adversarial-bim-targeted.png")
@@ -139,17 +202,40 @@ def test_adversarial_end_to_end_with_wandb_offline(tiny_runs, tmp_path):
     (accuracy,) = media.glob("accuracy_table_*.table.json")
     plotted = json.loads(accuracy.read_text())
     assert plotted["columns"] == ["step", "lineKey", "lineVal"]  # x = epsilon, one line per model
-    assert plotted["data"] == [[eps, m["label"], acc] for m in table["models"] for eps, acc in zip(table["eps"],
-                                                                                                  m["accuracy"])]
+    assert plotted["data"] == [
+        [eps, m["label"], acc] for m in table["models"] for eps, acc in zip(table["eps"], m["accuracy"])
+    ]
     assert len(list(media.glob("success_rate_table_*.table.json"))) == 1
 
 
 def test_adversarial_untargeted_fgsm_on_the_first_images_and_chosen_checkpoints(tiny_runs, tmp_path):
     step5 = tiny_runs["caps"] / "checkpoints" / "step-0000005"
-    result = run(EXPERIMENT + ["adversarial", "--run-dir", str(tiny_runs["caps"]), "--checkpoint", "best",
-                               "--run-dir", f"{tiny_runs['caps']}=caps at step 5", "--checkpoint", str(step5),
-                               "--attack", "fgsm", "--untargeted", "--eps", "0", "0.3", "--limit", "20", "--out",
-                               str(tmp_path), "--set", "logging.wandb.mode=disabled"])
+    result = run(
+        EXPERIMENT
+        + [
+            "adversarial",
+            "--run-dir",
+            str(tiny_runs["caps"]),
+            "--checkpoint",
+            "best",
+            "--run-dir",
+            f"{tiny_runs['caps']}=caps at step 5",
+            "--checkpoint",
+            str(step5),
+            "--attack",
+            "fgsm",
+            "--untargeted",
+            "--eps",
+            "0",
+            "0.3",
+            "--limit",
+            "20",
+            "--out",
+            str(tmp_path),
+            "--set",
+            "logging.wandb.mode=disabled",
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     best, early = json.loads((tmp_path / "adversarial-fgsm-untargeted.json").read_text())["models"]
     assert (best["label"], best["step"], early["label"], early["step"]) == ("caps", 6, "caps at step 5", 5)
@@ -157,13 +243,18 @@ def test_adversarial_untargeted_fgsm_on_the_first_images_and_chosen_checkpoints(
     assert not (tmp_path / "wandb").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--attack", "fgsm", "--untargeted", "--eps", "-0.1"], "eps [-0.1]: give one or more epsilons in [0, 1]"),
-    (["--attack", "fgsm", "--untargeted", "--eps", "0.1", "--steps", "5"], "--steps sets BIM's iterations"),
-    (["--attack", "bim", "--untargeted", "--eps", "0.1", "--limit", "0"], "--limit 0: attack at least 1 image"),
-    (["--attack", "bim", "--targeted", "--eps", "0.1", "--checkpoint", "best", "--checkpoint", "latest"],
-     "2 checkpoints for 1 runs: give one for all, or one per run"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--attack", "fgsm", "--untargeted", "--eps", "-0.1"], "eps [-0.1]: give one or more epsilons in [0, 1]"),
+        (["--attack", "fgsm", "--untargeted", "--eps", "0.1", "--steps", "5"], "--steps sets BIM's iterations"),
+        (["--attack", "bim", "--untargeted", "--eps", "0.1", "--limit", "0"], "--limit 0: attack at least 1 image"),
+        (
+            ["--attack", "bim", "--targeted", "--eps", "0.1", "--checkpoint", "best", "--checkpoint", "latest"],
+            "2 checkpoints for 1 runs: give one for all, or one per run",
+        ),
+    ],
+)
 def test_adversarial_arguments_a_user_can_get_wrong(tmp_path, capsys, args, message):
     assert _script("experiment").main(["adversarial", "--run-dir", str(tmp_path), "--out", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
@@ -176,11 +267,30 @@ def test_runs_on_other_images_or_viewpoints_are_refused(tiny_runs, norb_shards, 
     cfg["data"].update(dataset="smallnorb", shards=str(norb_shards[0]), viewpoint="elevation")
     (other / "config.yaml").write_text(yaml.safe_dump(cfg))
     experiment = _script("experiment").main
-    assert experiment(["adversarial", "--run-dir", str(tiny_runs["caps"]), "--run-dir", str(other), "--attack",
-                       "fgsm", "--untargeted", "--eps", "0.1", "--out", str(tmp_path)]) == 2
+    assert (
+        experiment(
+            [
+                "adversarial",
+                "--run-dir",
+                str(tiny_runs["caps"]),
+                "--run-dir",
+                str(other),
+                "--attack",
+                "fgsm",
+                "--untargeted",
+                "--eps",
+                "0.1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "test on different images" in capsys.readouterr().err
-    assert experiment(["viewpoints", "--run-dir", str(tiny_runs["caps"]), "--run-dir", str(other), "--out",
-                       str(tmp_path)]) == 2
+    assert (
+        experiment(["viewpoints", "--run-dir", str(tiny_runs["caps"]), "--run-dir", str(other), "--out", str(tmp_path)])
+        == 2
+    )
     assert f"{tiny_runs['caps']}: trained with data.viewpoint: none" in capsys.readouterr().err
     assert experiment(["viewpoints", "--run-dir", str(other), "--out", str(tmp_path), "--split", "azimuth"]) == 2
     assert "the viewpoint comparison takes two runs" in capsys.readouterr().err

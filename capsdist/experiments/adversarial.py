@@ -56,8 +56,9 @@ class AttackSpec:
     def key(self) -> str:
         return f"{self.name}-{'targeted' if self.targeted else 'untargeted'}"
 
-    def apply(self, forward, pixels: torch.Tensor, labels: torch.Tensor, eps: float,
-              targets: torch.Tensor | None) -> torch.Tensor:
+    def apply(
+        self, forward, pixels: torch.Tensor, labels: torch.Tensor, eps: float, targets: torch.Tensor | None
+    ) -> torch.Tensor:
         """Adversarial pixels (N, C, H, W) for pixels (N, C, H, W), labels (N,), targets (N,) or None."""
         if self.name == "fgsm":
             return fgsm(forward, pixels, labels, eps, targets=targets)
@@ -90,8 +91,12 @@ def attack_run(run: OpenRun, spec: AttackSpec, limit: int | None, label: str) ->
             success[k] += int((predicted == targets).sum() if spec.targeted else (clean & (predicted != labels)).sum())
         count, clean_correct = count + len(labels), clean_correct + int(clean.sum())
     attacked = count if spec.targeted else max(clean_correct, 1)
-    return {"count": count, "clean_accuracy": clean_correct / count, "accuracy": (correct / count).tolist(),
-            "success_rate": (success / attacked).tolist()}
+    return {
+        "count": count,
+        "clean_accuracy": clean_correct / count,
+        "accuracy": (correct / count).tolist(),
+        "success_rate": (success / attacked).tolist(),
+    }
 
 
 def _test_images(run: OpenRun) -> tuple:
@@ -100,8 +105,15 @@ def _test_images(run: OpenRun) -> tuple:
     return run.manifest.dataset, shards, run.cfg.data.viewpoint
 
 
-def run_adversarial(runs: list[tuple[Path, str]], out: str | Path, spec: AttackSpec, *, limit: int | None = None,
-                    checkpoints: list[str] = ("best",), overrides: list[str] = ()) -> dict:
+def run_adversarial(
+    runs: list[tuple[Path, str]],
+    out: str | Path,
+    spec: AttackSpec,
+    *,
+    limit: int | None = None,
+    checkpoints: list[str] = ("best",),
+    overrides: list[str] = (),
+) -> dict:
     """Attack every (run dir, label) in `runs` with `spec`; write and log the curves.
 
     `checkpoints`: the checkpoint of each run (best, latest or a path), or one for all. `overrides` ("a.b=c") apply
@@ -110,8 +122,10 @@ def run_adversarial(runs: list[tuple[Path, str]], out: str | Path, spec: AttackS
     if not runs:
         raise ConfigError("name at least one run directory to attack")
     if len(checkpoints) not in (1, len(runs)):
-        raise ConfigError(f"{len(checkpoints)} checkpoints for {len(runs)} runs: give one for all, or one per run "
-                          "in the order of the runs")
+        raise ConfigError(
+            f"{len(checkpoints)} checkpoints for {len(runs)} runs: give one for all, or one per run "
+            "in the order of the runs"
+        )
     checkpoints = list(checkpoints) * len(runs) if len(checkpoints) == 1 else list(checkpoints)
     opened, accelerator = [], None
     for run_dir, label in runs:
@@ -121,23 +135,40 @@ def run_adversarial(runs: list[tuple[Path, str]], out: str | Path, spec: AttackS
     first = _test_images(opened[0][0])
     for run, _ in opened[1:]:
         if _test_images(run) != first:
-            raise ConfigError(f"{run.run_dir} and {opened[0][0].run_dir} test on different images (other dataset, "
-                              "shards or viewpoint split); point them at the same shards with --set data.shards=DIR")
+            raise ConfigError(
+                f"{run.run_dir} and {opened[0][0].run_dir} test on different images (other dataset, "
+                "shards or viewpoint split); point them at the same shards with --set data.shards=DIR"
+            )
     models = []
     for (run, label), which in zip(opened, checkpoints):
         path, step = run.load(which)
         scores = attack_run(run, spec, limit, label)
-        models.append({"label": label, "run_dir": str(run.run_dir), "model": run.cfg.model.size,
-                       "checkpoint": str(path), "step": step, **scores})
-        print(f"{label}: clean {percent(scores['clean_accuracy'])}, accuracy "
-              + ", ".join(f"{percent(a)} at eps {e}" for e, a in zip(spec.eps, scores["accuracy"])))
-    result = {"experiment": "adversarial", "attack": spec.name, "targeted": spec.targeted, "eps": list(spec.eps),
-              "bim_steps": spec.steps if spec.name == "bim" else None,
-              "bim_step_size": f"{BIM_STEP_RATIO} * eps / steps" if spec.name == "bim" else None,
-              "target_seed": spec.seed if spec.targeted else None,
-              "images": {"split": "test", "first": limit, "count": models[0]["count"]},
-              "loss": "cross-entropy of the class scores normalised to sum 1 (capsdist.attacks.attack_loss)",
-              "models": models}
+        models.append(
+            {
+                "label": label,
+                "run_dir": str(run.run_dir),
+                "model": run.cfg.model.size,
+                "checkpoint": str(path),
+                "step": step,
+                **scores,
+            }
+        )
+        print(
+            f"{label}: clean {percent(scores['clean_accuracy'])}, accuracy "
+            + ", ".join(f"{percent(a)} at eps {e}" for e, a in zip(spec.eps, scores["accuracy"]))
+        )
+    result = {
+        "experiment": "adversarial",
+        "attack": spec.name,
+        "targeted": spec.targeted,
+        "eps": list(spec.eps),
+        "bim_steps": spec.steps if spec.name == "bim" else None,
+        "bim_step_size": f"{BIM_STEP_RATIO} * eps / steps" if spec.name == "bim" else None,
+        "target_seed": spec.seed if spec.targeted else None,
+        "images": {"split": "test", "first": limit, "count": models[0]["count"]},
+        "loss": "cross-entropy of the class scores normalised to sum 1 (capsdist.attacks.attack_loss)",
+        "models": models,
+    }
     for path in write_outputs(out, f"adversarial-{spec.key}", result, _table(result), _plot(result)):
         print(f"written: {path}")
     _log_to_wandb(result, opened[0][0], Path(out), spec.key)
@@ -153,8 +184,10 @@ def _title(result: dict) -> str:
 def _table(result: dict) -> str:
     """Markdown: one row per epsilon; accuracy and success rate of every model."""
     header = ["epsilon"] + [f"{m['label']} {what}" for m in result["models"] for what in ("accuracy", "success")]
-    rows = [[f"{eps:g}"] + [percent(m[key][k]) for m in result["models"] for key in ("accuracy", "success_rate")]
-            for k, eps in enumerate(result["eps"])]
+    rows = [
+        [f"{eps:g}"] + [percent(m[key][k]) for m in result["models"] for key in ("accuracy", "success_rate")]
+        for k, eps in enumerate(result["eps"])
+    ]
     return f"{_title(result)}\n\n" + markdown_table(header, rows)
 
 
@@ -183,12 +216,21 @@ def _log_to_wandb(result: dict, run: OpenRun, out: Path, key: str) -> None:
 
     wb_run = wandb.init(project=cfg.logging.wandb.project, job_type="adversarial", **settings)
     labels = [m["label"] for m in result["models"]]
-    logged = {f"{key}/{metric}": wandb.plot.line_series(xs=result["eps"], ys=[m[metric] for m in result["models"]],
-                                                        keys=labels, title=f"{metric} ({_title(result)})",
-                                                        xname="epsilon")
-              for metric in ("accuracy", "success_rate")}
-    rows = [[m["label"], eps, m["accuracy"][k], m["success_rate"][k]] for m in result["models"]
-            for k, eps in enumerate(result["eps"])]
+    logged = {
+        f"{key}/{metric}": wandb.plot.line_series(
+            xs=result["eps"],
+            ys=[m[metric] for m in result["models"]],
+            keys=labels,
+            title=f"{metric} ({_title(result)})",
+            xname="epsilon",
+        )
+        for metric in ("accuracy", "success_rate")
+    }
+    rows = [
+        [m["label"], eps, m["accuracy"][k], m["success_rate"][k]]
+        for m in result["models"]
+        for k, eps in enumerate(result["eps"])
+    ]
     logged[f"{key}/table"] = wandb.Table(columns=["model", "epsilon", "accuracy", "success_rate"], data=rows)
     wb_run.log(logged)
     folder = Path(wb_run.dir).parent

@@ -43,21 +43,25 @@ class Point:
     novel: float
 
 
-def train_pair(config: str | Path, split: str, out: str | Path, overrides: list[str] = (),
-               cnn_overrides: list[str] = ()) -> list[tuple[Path, str]]:
+def train_pair(
+    config: str | Path, split: str, out: str | Path, overrides: list[str] = (), cnn_overrides: list[str] = ()
+) -> list[tuple[Path, str]]:
     """Train <out>/capsules (the config with `overrides`) and <out>/cnn (the same, then CNN_RECIPE and
     `cnn_overrides`) on the training viewpoints of `split`, keeping every checkpoint; returns [(run dir, label)]."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("the viewpoint experiment trains its two runs one after the other in one process; on "
-                          "several GPUs train each with `accelerate launch launch/train.py --set data.viewpoint=SPLIT "
-                          f"{KEEP_EVERY_CHECKPOINT} ...` and pass both with --run-dir")
+        raise ConfigError(
+            "the viewpoint experiment trains its two runs one after the other in one process; on "
+            "several GPUs train each with `accelerate launch launch/train.py --set data.viewpoint=SPLIT "
+            f"{KEEP_EVERY_CHECKPOINT} ...` and pass both with --run-dir"
+        )
     from capsdist.train.trainer import Trainer  # heavy imports, once the arguments are known good
 
     runs = []
     for name, extra in (("capsules", ()), ("cnn", (*CNN_RECIPE, *cnn_overrides))):
         run_dir = Path(out) / name
-        cfg = load_config(config, [KEEP_EVERY_CHECKPOINT, *overrides, *extra, f"data.viewpoint={split}",
-                                   f"run_dir={run_dir}"])
+        cfg = load_config(
+            config, [KEEP_EVERY_CHECKPOINT, *overrides, *extra, f"data.viewpoint={split}", f"run_dir={run_dir}"]
+        )
         Trainer(cfg, source=str(config), resume="auto").fit()
         runs.append((run_dir, name))
     return runs
@@ -65,11 +69,14 @@ def train_pair(config: str | Path, split: str, out: str | Path, overrides: list[
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Every step checkpoint of a run that verifies, and `best` when its step is not among them, by step."""
-    found = {checkpoint.read_state(path)["train"]["step"]: path
-             for _, path in checkpoint.step_dirs(run_dir) if checkpoint.verify(path) is None}
+    found = {
+        checkpoint.read_state(path).step: path
+        for _, path in checkpoint.step_dirs(run_dir)
+        if checkpoint.verify(path) is None
+    }
     best = checkpoint.checkpoint_dir(run_dir) / "best"
     if checkpoint.verify(best) is None:
-        found.setdefault(checkpoint.read_state(best)["train"]["step"], best)
+        found.setdefault(checkpoint.read_state(best).step, best)
     return [found[step] for step in sorted(found)]
 
 
@@ -98,8 +105,9 @@ def match(curves: dict[str, list[Point]]) -> tuple[str, dict[str, Point]]:
     return reference, {reference: curves[reference][-1], other: chosen}
 
 
-def run_viewpoints(runs: list[tuple[Path, str]], out: str | Path, *, split: str | None = None,
-                   overrides: list[str] = ()) -> dict:
+def run_viewpoints(
+    runs: list[tuple[Path, str]], out: str | Path, *, split: str | None = None, overrides: list[str] = ()
+) -> dict:
     """Evaluate every checkpoint of two (run dir, label) runs trained on one viewpoint split, match them, and write
     the table and plot. `overrides` ("a.b=c") apply to both runs' config.yaml. Returns the result written to JSON."""
     if len(runs) != 2:
@@ -110,22 +118,39 @@ def run_viewpoints(runs: list[tuple[Path, str]], out: str | Path, *, split: str 
         accelerator = run.accelerator
         viewpoint = run.cfg.data.viewpoint
         if viewpoint == "none" or (split is not None and viewpoint != split):
-            raise ConfigError(f"{run_dir}: trained with data.viewpoint: {viewpoint}, expected "
-                              f"{split or 'azimuth or elevation'}; train it with --set data.viewpoint="
-                              f"{split or 'azimuth'}")
+            raise ConfigError(
+                f"{run_dir}: trained with data.viewpoint: {viewpoint}, expected "
+                f"{split or 'azimuth or elevation'}; train it with --set data.viewpoint="
+                f"{split or 'azimuth'}"
+            )
         opened.append((run, label))
     if opened[0][0].cfg.data.viewpoint != opened[1][0].cfg.data.viewpoint:
-        raise ConfigError(f"{runs[0][0]} and {runs[1][0]} were trained on different viewpoint splits "
-                          f"({opened[0][0].cfg.data.viewpoint}, {opened[1][0].cfg.data.viewpoint})")
+        raise ConfigError(
+            f"{runs[0][0]} and {runs[1][0]} were trained on different viewpoint splits "
+            f"({opened[0][0].cfg.data.viewpoint}, {opened[1][0].cfg.data.viewpoint})"
+        )
     split = opened[0][0].cfg.data.viewpoint
     curves, counts = {}, {}
     for run, label in opened:
         curves[label], counts = evaluate_checkpoints(run, label)
     reference, matched = match(curves)
-    result = {"experiment": "viewpoints", "split": split, "images": counts, "reference": reference,
-              "models": [{"label": label, "run_dir": str(run.run_dir), "model": run.cfg.model.size,
-                          "matched": asdict(matched[label]), "last": asdict(curves[label][-1]),
-                          "checkpoints": [asdict(p) for p in curves[label]]} for run, label in opened]}
+    result = {
+        "experiment": "viewpoints",
+        "split": split,
+        "images": counts,
+        "reference": reference,
+        "models": [
+            {
+                "label": label,
+                "run_dir": str(run.run_dir),
+                "model": run.cfg.model.size,
+                "matched": asdict(matched[label]),
+                "last": asdict(curves[label][-1]),
+                "checkpoints": [asdict(p) for p in curves[label]],
+            }
+            for run, label in opened
+        ],
+    }
     for path in write_outputs(out, f"viewpoints-{split}", result, _table(result), _plot(result)):
         print(f"written: {path}")
     accelerator.end_training()
@@ -136,17 +161,31 @@ def _table(result: dict) -> str:
     """Markdown: each model at the matched checkpoint, and the non-reference model at its last one."""
     rows = []
     for m in result["models"]:
-        rows.append([f"{m['label']} ({m['model']})", f"step {m['matched']['step']}, matched",
-                     percent(m["matched"]["familiar"]), percent(m["matched"]["novel"])])
+        rows.append(
+            [
+                f"{m['label']} ({m['model']})",
+                f"step {m['matched']['step']}, matched",
+                percent(m["matched"]["familiar"]),
+                percent(m["matched"]["novel"]),
+            ]
+        )
         if m["label"] != result["reference"]:
-            rows.append([f"{m['label']} ({m['model']})", f"step {m['last']['step']}, last",
-                         percent(m["last"]["familiar"]), percent(m["last"]["novel"])])
+            rows.append(
+                [
+                    f"{m['label']} ({m['model']})",
+                    f"step {m['last']['step']}, last",
+                    percent(m["last"]["familiar"]),
+                    percent(m["last"]["novel"]),
+                ]
+            )
     gap = abs(result["models"][0]["matched"]["familiar"] - result["models"][1]["matched"]["familiar"])
-    return (f"smallNORB, {result['split']} split: {result['images']['familiar']} test images at the familiar "
-            f"viewpoints, {result['images']['novel']} at the novel ones. Reference: {result['reference']} at its last "
-            f"checkpoint; the other run at its checkpoint closest in familiar accuracy (gap "
-            f"{100 * gap:.1f} points).\n\n"
-            + markdown_table(["model", "checkpoint", "familiar accuracy", "novel accuracy"], rows))
+    return (
+        f"smallNORB, {result['split']} split: {result['images']['familiar']} test images at the familiar "
+        f"viewpoints, {result['images']['novel']} at the novel ones. Reference: {result['reference']} at its last "
+        f"checkpoint; the other run at its checkpoint closest in familiar accuracy (gap "
+        f"{100 * gap:.1f} points).\n\n"
+        + markdown_table(["model", "checkpoint", "familiar accuracy", "novel accuracy"], rows)
+    )
 
 
 def _plot(result: dict):
@@ -155,18 +194,33 @@ def _plot(result: dict):
     for i, m in enumerate(result["models"]):
         color, points = f"C{i}", m["checkpoints"]
         steps = [p["step"] for p in points]
-        step_ax.plot(steps, [p["familiar"] for p in points], "-o", color=color, markersize=3,
-                     label=f"{m['label']} familiar")
+        step_ax.plot(
+            steps, [p["familiar"] for p in points], "-o", color=color, markersize=3, label=f"{m['label']} familiar"
+        )
         step_ax.plot(steps, [p["novel"] for p in points], "--s", color=color, markersize=3, label=f"{m['label']} novel")
-        match_ax.plot([p["familiar"] for p in points], [p["novel"] for p in points], "-o", color=color, markersize=3,
-                      alpha=0.5, label=f"{m['label']} checkpoints")
-        match_ax.plot(m["matched"]["familiar"], m["matched"]["novel"], "*", color=color, markersize=14,
-                      label=f"{m['label']} matched (step {m['matched']['step']})")
+        match_ax.plot(
+            [p["familiar"] for p in points],
+            [p["novel"] for p in points],
+            "-o",
+            color=color,
+            markersize=3,
+            alpha=0.5,
+            label=f"{m['label']} checkpoints",
+        )
+        match_ax.plot(
+            m["matched"]["familiar"],
+            m["matched"]["novel"],
+            "*",
+            color=color,
+            markersize=14,
+            label=f"{m['label']} matched (step {m['matched']['step']})",
+        )
     reference = next(m for m in result["models"] if m["label"] == result["reference"])
     match_ax.axvline(reference["matched"]["familiar"], color="grey", linestyle=":", label="reference familiar accuracy")
     step_ax.set(xlabel="step", ylabel="test accuracy", title="familiar and novel viewpoints")
-    match_ax.set(xlabel="familiar-viewpoint accuracy", ylabel="novel-viewpoint accuracy", title="at matched familiar "
-                 "accuracy")
+    match_ax.set(
+        xlabel="familiar-viewpoint accuracy", ylabel="novel-viewpoint accuracy", title="at matched familiar accuracy"
+    )
     for ax in (step_ax, match_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
