@@ -28,7 +28,6 @@ from capsdist.evaluate import OpenRun, open_run
 from capsdist.experiments.output import figure, markdown_table, percent, write_outputs
 from capsdist.train import checkpoint
 
-SPLITS = ("azimuth", "elevation")
 CNN_RECIPE = ("model.size=cnn", "loss.name=categorical_crossentropy", "optim.lr=1e-3")  # docs/results.md, CNN rows
 KEEP_EVERY_CHECKPOINT = "checkpoint.keep_last=1000000"  # the matching chooses among all of them
 
