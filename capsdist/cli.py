@@ -8,17 +8,14 @@ import os
 import sys
 
 
-def add_set_option(parser: argparse.ArgumentParser) -> None:
-    """`--set a.b=1 c.d=2 --set e.f=3`: every value of every --set is kept, in order, in `args.overrides`."""
-    parser.add_argument(
-        "--set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="overrides",
-        help="override config keys; repeatable, all apply in order (a later one wins on the same key)",
-    )
+def add_set_option(
+    parser: argparse.ArgumentParser,
+    flag: str = "--set",
+    dest: str = "overrides",
+    help: str = "override config keys; repeatable, all apply in order (a later one wins on the same key)",
+) -> None:
+    """`--set a.b=1 c.d=2 --set e.f=3`: every value of every `flag` is kept, in order, in `args.<dest>`."""
+    parser.add_argument(flag, nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest=dest, help=help)
 
 
 def setup_process() -> None:

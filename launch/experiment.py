@@ -43,14 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     views.add_argument("--split", choices=["azimuth", "elevation"], help="required with --config")
     views.add_argument("--out", required=True, help="folder for the results (and, with --config, the two runs)")
     add_set_option(views)
-    views.add_argument(
-        "--cnn-set",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        dest="cnn_overrides",
-        help="with --config: overrides for the CNN run only, after the CNN recipe",
+    add_set_option(
+        views, "--cnn-set", "cnn_overrides", "with --config: overrides for the CNN run only, after the CNN recipe"
     )
 
     adv = commands.add_parser("adversarial", help="FGSM / BIM: accuracy and success rate against epsilon")
