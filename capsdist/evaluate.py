@@ -92,6 +92,16 @@ def open_run(run_dir: str | Path, overrides: list[str] = (), accelerator: Accele
     return OpenRun(run_dir, cfg, accelerator, opts, manifest, model, loss_fn)
 
 
+def open_runs(runs: list[tuple[Path, str]], overrides: list[str] = ()) -> list[tuple[OpenRun, str]]:
+    """`open_run` for every (run dir, label), in order, sharing one accelerator: [(OpenRun, label)]."""
+    opened, accelerator = [], None
+    for run_dir, label in runs:
+        run = open_run(run_dir, overrides, accelerator)
+        accelerator = run.accelerator
+        opened.append((run, label))
+    return opened
+
+
 def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test", overrides: list[str] = ()) -> dict:
     """Evaluate a run's checkpoint (`best`, `latest` or a path) on `split`; print and write JSON.
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from capsdist.attacks import BIM_STEP_RATIO, BIM_STEPS, bim, fgsm, target_classes
 from capsdist.data.transforms import normalise
 from capsdist.errors import ConfigError
-from capsdist.evaluate import OpenRun, open_run
+from capsdist.evaluate import OpenRun, open_runs
 from capsdist.experiments.output import figure, markdown_table, percent, write_outputs
 from capsdist.train.tracking import wandb_settings
 
@@ -127,11 +127,7 @@ def run_adversarial(
             "in the order of the runs"
         )
     checkpoints = list(checkpoints) * len(runs) if len(checkpoints) == 1 else list(checkpoints)
-    opened, accelerator = [], None
-    for run_dir, label in runs:
-        run = open_run(run_dir, overrides, accelerator)
-        accelerator = run.accelerator
-        opened.append((run, label))
+    opened = open_runs(runs, overrides)
     first = _test_images(opened[0][0])
     for run, _ in opened[1:]:
         if _test_images(run) != first:
@@ -172,7 +168,7 @@ def run_adversarial(
     for path in write_outputs(out, f"adversarial-{spec.key}", result, _table(result), _plot(result)):
         print(f"written: {path}")
     _log_to_wandb(result, opened[0][0], Path(out), spec.key)
-    accelerator.end_training()
+    opened[0][0].accelerator.end_training()
     return result
 
 

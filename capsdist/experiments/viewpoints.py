@@ -24,7 +24,7 @@ from pathlib import Path
 
 from capsdist.config import load_config
 from capsdist.errors import ConfigError
-from capsdist.evaluate import OpenRun, open_run
+from capsdist.evaluate import OpenRun, open_runs
 from capsdist.experiments.output import figure, markdown_table, percent, write_outputs
 from capsdist.train import checkpoint
 
@@ -111,18 +111,15 @@ def run_viewpoints(
     the table and plot. `overrides` ("a.b=c") apply to both runs' config.yaml. Returns the result written to JSON."""
     if len(runs) != 2:
         raise ConfigError(f"the viewpoint comparison takes two runs (capsules and a CNN), got {len(runs)}")
-    opened, accelerator = [], None
-    for run_dir, label in runs:
-        run = open_run(run_dir, overrides, accelerator)
-        accelerator = run.accelerator
+    opened = open_runs(runs, overrides)
+    for run, _ in opened:
         viewpoint = run.cfg.data.viewpoint
         if viewpoint == "none" or (split is not None and viewpoint != split):
             raise ConfigError(
-                f"{run_dir}: trained with data.viewpoint: {viewpoint}, expected "
+                f"{run.run_dir}: trained with data.viewpoint: {viewpoint}, expected "
                 f"{split or 'azimuth or elevation'}; train it with --set data.viewpoint="
                 f"{split or 'azimuth'}"
             )
-        opened.append((run, label))
     if opened[0][0].cfg.data.viewpoint != opened[1][0].cfg.data.viewpoint:
         raise ConfigError(
             f"{runs[0][0]} and {runs[1][0]} were trained on different viewpoint splits "
@@ -152,7 +149,7 @@ def run_viewpoints(
     }
     for path in write_outputs(out, f"viewpoints-{split}", result, _table(result), _plot(result)):
         print(f"written: {path}")
-    accelerator.end_training()
+    opened[0][0].accelerator.end_training()
     return result
 
 
