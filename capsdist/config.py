@@ -81,9 +81,9 @@ class OptimConfig:
     name: Literal["adam", "adamw"] = "adam"  # the TensorFlow implementation's optimizer
     lr: float = _num(1e-2, 0.0, open_lo=True)  # learning rate at step 0 (paper 3e-3; 1e-2 learns faster)
     weight_decay: float = _num(0.0, 0.0)  # L2 (adam) or decoupled (adamw) decay
-    schedule: Literal["exponential", "cosine"] = "cosine"  # lr schedule over global steps (paper: exponential)
-    lr_decay_rate: float = 0.96  # exponential: decay factor per lr_decay_steps; <= 0 disables decay
-    lr_decay_steps: int = _num(20000, 1)  # exponential: global steps per decay factor
+    schedule: Literal["exponential", "cosine"] = "cosine"  # lr schedule over images seen (paper: exponential)
+    lr_decay_rate: float = 0.96  # exponential: decay factor per lr_decay_images; <= 0 disables decay
+    lr_decay_images: int = _num(1_280_000, 1)  # exponential: images per decay factor (paper: 20000 steps of 64)
     final_lr_ratio: float = _num(0.01, 0.0, 1.0)  # cosine: lr at the last step of train.epochs, as a fraction of lr
     grad_clip: float = _num(0.0, 0.0)  # max global gradient norm; 0 disables
 
@@ -92,7 +92,7 @@ class OptimConfig:
 class LossConfig:
     name: Literal[LOSSES] = "spread_loss"
     margin_schedule: Literal[MARGIN_SCHEDULES] = "linear"  # linear 0.2->0.9 (paper), sigmoid (authors)
-    max_margin_steps: int = _num(20000, 1)  # global step at which the margin reaches its maximum
+    max_margin_images: int = _num(1_280_000, 1)  # images seen when the margin reaches its maximum (20000 steps of 64)
 
 
 @dataclass
@@ -220,6 +220,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise AssertionError(f"unsupported config type {tp}")
 
 
+# keys that counted global steps, and the keys that count images instead
+RENAMED = {"lr_decay_steps": "lr_decay_images", "max_margin_steps": "max_margin_images"}
+
+
 def _merge(obj: Any, values: dict, prefix: str, source: str) -> None:
     """Set the fields of dataclass `obj` from the nested dict `values` (keys checked, values coerced)."""
     if not isinstance(values, dict):
@@ -228,6 +232,11 @@ def _merge(obj: Any, values: dict, prefix: str, source: str) -> None:
     names = [f.name for f in dataclasses.fields(obj)]
     for key, value in values.items():
         where = f"{source}: {prefix}{key}"
+        if key in RENAMED and RENAMED[key] in names:
+            raise ConfigError(
+                f"{where}: replaced by {prefix}{RENAMED[key]}: schedules count images seen, so that the batch size "
+                f"does not change them; set it to the old value x train.batch_size (20000 steps at 64: 1280000)"
+            )
         if key not in names:
             raise ConfigError(f"{where}: unknown key; known keys here: {', '.join(names)}")
         current = getattr(obj, key)

@@ -69,7 +69,8 @@ class OpenRun:
 
     def evaluate(self, split: str, step: int) -> dict:
         """`evaluate` of the loaded weights on `split` (the loss at global `step`, for the spread-loss margin)."""
-        result = evaluate(self.accelerator, self.model, self.loader(split), self.loss_fn, step, len(self.classes))
+        seen = step * self.cfg.train.batch_size
+        result = evaluate(self.accelerator, self.model, self.loader(split), self.loss_fn, seen, len(self.classes))
         result.pop("misclassified")
         return result
 
@@ -87,7 +88,7 @@ def open_run(run_dir: str | Path, overrides: list[str] = (), accelerator: Accele
     manifest = load_data(cfg, accelerator, opts)
     model = model_for_data(cfg, manifest, opts).to(accelerator.device)
     loss_fn = make_loss(
-        cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_steps=cfg.loss.max_margin_steps
+        cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_images=cfg.loss.max_margin_images
     )
     return OpenRun(run_dir, cfg, accelerator, opts, manifest, model, loss_fn)
 

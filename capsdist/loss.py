@@ -1,8 +1,8 @@
 """Losses on class activations and the spread-loss margin schedules.
 
 All losses take class activations a (N, K) in (0, 1) and integer targets t (N,), and return a scalar mean
-over the batch. Margins are pure functions of the global step, so they need no saved state and give the
-same curve on any number of processes.
+over the batch. Margins are pure functions of the number of images seen (global step x global batch), so they
+need no saved state and give the same curve on any number of processes and at any batch size.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ MARGIN_SCHEDULES = ("linear", "sigmoid")
 MARGIN_START, MARGIN_END_LINEAR = 0.2, 0.9
 
 
-def margin_at(step: int, schedule: str, max_margin_steps: int) -> float:
-    """Spread-loss margin at a global step.
+def margin_at(images_seen: int, schedule: str, max_margin_images: int) -> float:
+    """Spread-loss margin after `images_seen` training images.
 
-    linear:  0.2 -> 0.9 linearly over max_margin_steps, then 0.9 (the paper).
-    sigmoid: 0.2 + 0.79 * sigmoid(min(10, 14 * step / max_margin_steps - 4)), from about 0.21 to about 0.99
-             (the authors' released code, whose step / 50000 - 4 reaches 10 at 700,000 steps; here that end
-             point is max_margin_steps).
+    linear:  0.2 -> 0.9 linearly over max_margin_images, then 0.9 (the paper).
+    sigmoid: 0.2 + 0.79 * sigmoid(min(10, 14 * images_seen / max_margin_images - 4)), from about 0.21 to about
+             0.99 (the authors' released code, whose step / 50000 - 4 reaches 10 at 700,000 steps; here that end
+             point is max_margin_images).
     """
-    progress = min(max(step, 0) / max(max_margin_steps, 1), 1.0)
+    progress = min(max(images_seen, 0) / max(max_margin_images, 1), 1.0)
     if schedule == "linear":
         return MARGIN_START + (MARGIN_END_LINEAR - MARGIN_START) * progress
     if schedule == "sigmoid":
@@ -61,17 +61,17 @@ def squared_hinge(activations: torch.Tensor, targets: torch.Tensor) -> torch.Ten
 LossFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, float]]
 
 
-def make_loss(name: str, *, margin_schedule: str = "linear", max_margin_steps: int = 20000) -> LossFn:
-    """loss_fn(activations (N, K), targets (N,), global_step) -> (scalar loss, margin or nan if unused)."""
+def make_loss(name: str, *, margin_schedule: str = "linear", max_margin_images: int = 1_280_000) -> LossFn:
+    """loss_fn(activations (N, K), targets (N,), images_seen) -> (scalar loss, margin or nan if unused)."""
     if name == "spread_loss":
-        margin_at(0, margin_schedule, max_margin_steps)  # fail now on a bad schedule name
+        margin_at(0, margin_schedule, max_margin_images)  # fail now on a bad schedule name
 
-        def loss_fn(activations, targets, step):
-            margin = margin_at(step, margin_schedule, max_margin_steps)
+        def loss_fn(activations, targets, images_seen):
+            margin = margin_at(images_seen, margin_schedule, max_margin_images)
             return spread_loss(activations, targets, margin), margin
 
         return loss_fn
     plain = {"categorical_crossentropy": categorical_crossentropy, "squared_hinge": squared_hinge}
     if name not in plain:
         raise ValueError(f"unknown loss {name!r}: choose one of {LOSSES}")
-    return lambda activations, targets, step: (plain[name](activations, targets), math.nan)
+    return lambda activations, targets, images_seen: (plain[name](activations, targets), math.nan)

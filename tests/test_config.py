@@ -33,7 +33,13 @@ def test_paper_configs_pin_the_papers_setup_whatever_the_defaults(size):
     assert cfg.model.estep_temperature == 1.0
     for setting in dataclasses.fields(PAPER):  # every routing key, those added later included
         assert getattr(cfg.model, setting.name) == getattr(PAPER, setting.name), setting.name
-    assert (cfg.loss.name, cfg.loss.margin_schedule, cfg.loss.max_margin_steps) == ("spread_loss", "linear", 20000)
+    paper_images = 20000 * 64  # the paper's 20000 steps at batch 64
+    assert (cfg.loss.name, cfg.loss.margin_schedule, cfg.loss.max_margin_images) == (
+        "spread_loss",
+        "linear",
+        paper_images,
+    )
+    assert cfg.optim.lr_decay_images == paper_images
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.schedule, cfg.optim.lr_decay_rate) == (
         "adam",
         3e-3,
@@ -51,19 +57,20 @@ def test_paper_configs_pin_the_papers_setup_whatever_the_defaults(size):
         "lr:",
         "schedule:",
         "margin_schedule:",
-        "max_margin_steps:",
+        "max_margin_images:",
+        "lr_decay_images:",
         "batch_size:",
     ):
         assert key in text, key
 
 
 def test_yaml_values_and_overrides_are_coerced(tmp_path):
-    path = write(tmp_path, "optim:\n  lr: 3e-3\n  lr_decay_steps: 2000.0\nlogging:\n  wandb:\n    tags: [a]\n")
+    path = write(tmp_path, "optim:\n  lr: 3e-3\n  lr_decay_images: 2000.0\nlogging:\n  wandb:\n    tags: [a]\n")
     cfg = load_config(
         path, ["optim.lr=1e-2", "train.compile=yes", "logging.wandb.tags=x,y", "train.batch_size=32", "model.alpha=0"]
     )
     assert cfg.optim.lr == pytest.approx(1e-2) and isinstance(cfg.optim.lr, float)
-    assert cfg.optim.lr_decay_steps == 2000 and isinstance(cfg.optim.lr_decay_steps, int)
+    assert cfg.optim.lr_decay_images == 2000 and isinstance(cfg.optim.lr_decay_images, int)
     assert cfg.train.compile is True and cfg.logging.wandb.tags == ["x", "y"]
     assert cfg.train.batch_size == 32 and cfg.model.alpha == 0.0
     assert load_config(path, ["logging.wandb.tags=[p, q]"]).logging.wandb.tags == ["p", "q"]
@@ -113,13 +120,13 @@ def test_resolved_config_round_trips_and_user_file_is_untouched(tmp_path):
     assert config_dict(Config())["optim"]["lr"] == pytest.approx(1e-2)
 
 
-def test_learning_rate_schedules_are_functions_of_the_global_step():
+def test_learning_rate_schedules_are_functions_of_the_images_seen():
     import math
 
     from capsdist.config import OptimConfig
     from capsdist.train.optim import lr_factor
 
-    paper = OptimConfig(schedule="exponential", lr_decay_rate=0.96, lr_decay_steps=20000)
+    paper = OptimConfig(schedule="exponential", lr_decay_rate=0.96, lr_decay_images=20000)
     assert lr_factor(0, paper, 100) == 1.0
     assert math.isclose(lr_factor(40000, paper, 100), 0.96**2)  # ignores the run length
     assert lr_factor(5, OptimConfig(schedule="exponential", lr_decay_rate=0.0), 100) == 1.0  # decay disabled

@@ -94,7 +94,7 @@ def test_margin_monotone(schedule):
     values = [margin_at(s, schedule, 1000) for s in steps]
     assert all(b >= a for a, b in zip(values, values[1:]))
     assert all(b > a for a, b in zip(values[:70], values[1:71]))  # strictly rising before the end
-    assert values[-1] == values[-2]  # flat after max_margin_steps
+    assert values[-1] == values[-2]  # flat after max_margin_images
 
 
 def test_margin_rejects_unknown_schedule():
@@ -103,14 +103,14 @@ def test_margin_rejects_unknown_schedule():
 
 
 def test_make_loss_spread():
-    loss_fn = make_loss("spread_loss", margin_schedule="linear", max_margin_steps=100)
+    loss_fn = make_loss("spread_loss", margin_schedule="linear", max_margin_images=100)
     loss, margin = loss_fn(ACTS, TARGETS, 0)
     assert margin == pytest.approx(0.2)
     assert loss.item() == pytest.approx(0.01, abs=1e-6)  # spread loss at margin 0.2 (see above)
     loss, margin = loss_fn(ACTS, TARGETS, 100)
     assert margin == pytest.approx(0.9)
     assert loss.item() == pytest.approx(spread_loss(ACTS, TARGETS, 0.9).item())
-    assert make_loss("spread_loss", margin_schedule="sigmoid", max_margin_steps=100)(ACTS, TARGETS, 0)[
+    assert make_loss("spread_loss", margin_schedule="sigmoid", max_margin_images=100)(ACTS, TARGETS, 0)[
         1
     ] == pytest.approx(0.2142091, abs=1e-6)
 

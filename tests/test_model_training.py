@@ -78,11 +78,11 @@ def test_default_recipe_learns_a_small_task():
     model = build_model(ModelConfig(size="small", A=8, B=4, C=4, D=4), in_channels=1, input_size=28, num_classes=4)
     loss_cfg, optim_cfg = LossConfig(), OptimConfig()
     loss_fn = make_loss(
-        loss_cfg.name, margin_schedule=loss_cfg.margin_schedule, max_margin_steps=loss_cfg.max_margin_steps
+        loss_cfg.name, margin_schedule=loss_cfg.margin_schedule, max_margin_images=loss_cfg.max_margin_images
     )
     opt = torch.optim.Adam(model.parameters(), lr=optim_cfg.lr)
     for step in range(60):
-        loss, _ = loss_fn(model(train_x[step * 32 : (step + 1) * 32]), train_y[step * 32 : (step + 1) * 32], step)
+        loss, _ = loss_fn(model(train_x[step * 32 : (step + 1) * 32]), train_y[step * 32 : (step + 1) * 32], step * 32)
         opt.zero_grad()
         loss.backward()
         opt.step()

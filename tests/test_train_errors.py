@@ -15,7 +15,7 @@ from capsdist.data.manifest import load_manifest
 from capsdist.data.plan import select
 from capsdist.errors import TrainingError
 from capsdist.train import checkpoint, trainer
-from train_helpers import STEPS_PER_EPOCH, losses, metrics, run, train_command, train_state
+from train_helpers import BATCH, STEPS_PER_EPOCH, losses, metrics, run, train_command, train_state
 
 
 @pytest.mark.parametrize(
@@ -54,9 +54,9 @@ def _nan_at(steps: set[int]):
     def make_loss(*args, **kwargs):
         loss_fn = real(*args, **kwargs)
 
-        def patched(acts, labels, step):
-            loss, margin = loss_fn(acts, labels, step)
-            return (loss * math.nan if step in steps else loss), margin
+        def patched(acts, labels, images_seen):
+            loss, margin = loss_fn(acts, labels, images_seen)
+            return (loss * math.nan if images_seen // BATCH in steps else loss), margin
 
         return patched
 

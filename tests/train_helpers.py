@@ -25,8 +25,8 @@ STEPS_PER_EPOCH = (TRAIN - TRAIN // 10) // BATCH  # 18
 TINY = {
     "model": {"size": "small", "A": 8, "B": 4, "C": 4, "D": 4, "iterations": 1},
     "data": {"dataset": "fashion-mnist", "prepare": "never", "val_fraction": 0.1, "num_workers": 0},
-    "optim": {"lr": 3e-3, "lr_decay_steps": 100},
-    "loss": {"max_margin_steps": 50},
+    "optim": {"lr": 3e-3, "lr_decay_images": 100 * BATCH},
+    "loss": {"max_margin_images": 50 * BATCH},
     "train": {"batch_size": BATCH, "epochs": 2},
     "eval": {"batch_size": 32, "misclassified_images": 2},
     "checkpoint": {"every_steps": 5, "keep_last": 2},

@@ -20,12 +20,13 @@ def evaluate(
     model: torch.nn.Module,
     loader,
     loss_fn,
-    step: int,
+    images_seen: int,
     num_classes: int,
     keep_misclassified: int = 0,
 ) -> dict:
     """Evaluate `model` on the batches of `loader` (this rank's share) and combine across ranks.
 
+    The loss uses the spread-loss margin after `images_seen` training images.
     Returns {"accuracy", "loss", "count", "per_class_accuracy" (K,), "confusion" (K x K, rows = true
     class)} on every rank, plus "misclassified": up to `keep_misclassified` (image (C, H, W) numpy,
     true, predicted) tuples, on every rank.
@@ -43,7 +44,7 @@ def evaluate(
         pred = acts.argmax(dim=1)  # (B,)
         valid = index >= 0
         if valid.any():
-            loss, _ = loss_fn(acts[valid], labels[valid], step)
+            loss, _ = loss_fn(acts[valid], labels[valid], images_seen)
             loss_sum += loss.double() * valid.sum()
         rows.append(torch.stack([index, labels, pred], dim=1))  # (B, 3)
         wrong = (valid & (pred != labels)).nonzero().flatten().tolist()

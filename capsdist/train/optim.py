@@ -1,7 +1,8 @@
-"""The optimizer, and the learning rate as a pure function of the global step (so it needs no saved state).
+"""The optimizer, and the learning rate as a pure function of the images seen (so it needs no saved state).
 
-As in nanoGPT, the trainer writes `learning_rate(step)` into the optimizer before every update: resuming at a
-step gives the same learning rate whatever the run did before, on any number of processes.
+As in nanoGPT, the trainer writes `learning_rate(images_seen)` into the optimizer before every update: resuming
+at a step gives the same learning rate whatever the run did before, on any number of processes, and the curve
+against images seen is the same at any batch size.
 """
 
 from __future__ import annotations
@@ -11,23 +12,23 @@ import math
 import torch
 
 
-def lr_factor(step: int, optim_cfg, total_steps: int) -> float:
-    """The learning-rate multiplier at a global step.
+def lr_factor(images_seen: int, optim_cfg, total_images: int) -> float:
+    """The learning-rate multiplier after `images_seen` training images.
 
-    exponential: lr_decay_rate ** (step / lr_decay_steps) (the paper's; 1 when lr_decay_rate <= 0).
-    cosine: from 1 down to final_lr_ratio at total_steps along half a cosine, then final_lr_ratio.
+    exponential: lr_decay_rate ** (images_seen / lr_decay_images) (the paper's; 1 when lr_decay_rate <= 0).
+    cosine: from 1 down to final_lr_ratio at total_images along half a cosine, then final_lr_ratio.
     """
     o = optim_cfg
     if o.schedule == "cosine":
-        progress = min(max(step, 0) / max(total_steps, 1), 1.0)
+        progress = min(max(images_seen, 0) / max(total_images, 1), 1.0)
         return o.final_lr_ratio + (1.0 - o.final_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return math.pow(o.lr_decay_rate, step / o.lr_decay_steps) if o.lr_decay_rate > 0 else 1.0
+    return math.pow(o.lr_decay_rate, images_seen / o.lr_decay_images) if o.lr_decay_rate > 0 else 1.0
 
 
-def learning_rate(step: int, optim_cfg, total_steps: int) -> float:
-    """optim.lr times `lr_factor`: the learning rate of the update made at global step `step` (0-based);
-    total_steps is the last global step of train.epochs (the cosine schedule ends there)."""
-    return optim_cfg.lr * lr_factor(step, optim_cfg, total_steps)
+def learning_rate(images_seen: int, optim_cfg, total_images: int) -> float:
+    """optim.lr times `lr_factor`: the learning rate of the update made after `images_seen` images (global step
+    x global batch); total_images is what train.epochs holds (the cosine schedule ends there)."""
+    return optim_cfg.lr * lr_factor(images_seen, optim_cfg, total_images)
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

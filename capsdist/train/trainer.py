@@ -85,15 +85,16 @@ class Trainer:
         self.steps_per_epoch = steps_per_epoch(self.manifest, self.opts, cfg.train.batch_size)
         # The learning-rate schedule spans train.epochs: train.max_steps stops a run early without bending its
         # curve, so a run stopped that way resumes on the same schedule as one that never stopped.
-        self.schedule_steps = cfg.train.epochs * self.steps_per_epoch
-        self.total_steps = min(cfg.train.max_steps, self.schedule_steps) if cfg.train.max_steps else self.schedule_steps
+        schedule_steps = cfg.train.epochs * self.steps_per_epoch
+        self.schedule_images = schedule_steps * cfg.train.batch_size
+        self.total_steps = min(cfg.train.max_steps, schedule_steps) if cfg.train.max_steps else schedule_steps
 
         set_seed(cfg.train.seed)
         model = model_for_data(cfg, self.manifest, self.opts)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg.optim, model))
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
         self.loss_fn = make_loss(
-            cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_steps=cfg.loss.max_margin_steps
+            cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_images=cfg.loss.max_margin_images
         )
         if self.resume_from is not None:
             self._restore()
@@ -267,7 +268,8 @@ class Trainer:
         images = batch.images.to(acc.device, non_blocking=True)  # (B, C, H, W)
         labels = batch.labels.to(acc.device, non_blocking=True)  # (B,)
         acts = model(images)  # (B, K)
-        loss, margin = self.loss_fn(acts, labels, state.step)
+        seen = state.step * batch_size  # images before this step: the schedules' clock
+        loss, margin = self.loss_fn(acts, labels, seen)
         finite = torch.isfinite(loss.detach())
 
         def fill(value: float) -> torch.Tensor:  # a host number as a fill kernel: a copy from host memory would wait
@@ -283,7 +285,7 @@ class Trainer:
             ]
         )
         reduced = acc.reduce(local, "sum")  # the step's one collective: nonfinite, stop, correct, loss sum, skipped
-        lr = learning_rate(state.step, self.cfg.optim, self.schedule_steps)
+        lr = learning_rate(seen, self.cfg.optim, self.schedule_images)
         acc.backward(loss)
         if (state.step + 1) % self.cfg.logging.every_steps == 0:  # a log step: gradient norms before clipping
             self._grad_norms = grad_norm_tensors(acc.unwrap_model(model))
@@ -403,7 +405,7 @@ class Trainer:
                 model,
                 loader,
                 self.loss_fn,
-                state.step,
+                state.step * cfg.train.batch_size,
                 len(self.classes),
                 cfg.eval.misclassified_images,
             )
