@@ -4,6 +4,8 @@ kernels' tests then run on the CPU, on small shapes."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,23 @@ from train_helpers import TEST, TINY, TRAIN
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def python_processes_only_in_e2e(request, monkeypatch):
+    """A test that starts a Python process pays its start-up (torch, Accelerate) in seconds: such a test must be
+    marked e2e, so that the quick command stays quick. The marked ones may start what they like."""
+    if request.node.get_closest_marker("e2e"):
+        return
+    real_init = subprocess.Popen.__init__
+
+    def guarded_init(self, args, *rest, **kwargs):
+        argv = [args] if isinstance(args, (str, bytes, os.PathLike)) else list(args)
+        if argv and os.path.realpath(os.fsdecode(argv[0])) == os.path.realpath(sys.executable):
+            raise AssertionError(f"{request.node.nodeid} starts a Python process: mark it @pytest.mark.e2e")
+        real_init(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", guarded_init)
 
 
 @pytest.fixture
@@ -30,7 +49,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> Path:
     """320 train / 64 test Fashion-MNIST-format samples as shards, prepared from IDX files the test writes."""
-    from test_data_formats import prepare_idx_shards
+    from fixtures import prepare_idx_shards
 
     return prepare_idx_shards(tmp_path_factory.mktemp("fm-tiny"), TRAIN, TEST, shard_size=100)
 

@@ -69,6 +69,7 @@ def _evaluate(run_dir: Path, which: str):
     return run([sys.executable, str(REPO / "launch" / "evaluate.py"), "--run-dir", str(run_dir), "--checkpoint", which])
 
 
+@pytest.mark.e2e
 def test_a_checkpoint_never_runs_code(run_dir, tmp_path):
     marker = tmp_path / "pwned"
     bad = pickle.dumps(_Plant(marker))
@@ -131,6 +132,7 @@ def test_flipped_weights_are_detected(run_dir):
         checkpoint.resolve(run_dir, str(newest))
 
 
+@pytest.mark.e2e
 def test_resume_auto_falls_back_and_an_explicit_bad_path_fails(run_dir):
     newest = run_dir / "checkpoints" / "step-0000006"
     (newest / "optimizer.bin").write_bytes(b"")
@@ -168,6 +170,7 @@ def _as_format_2(ckpt: Path) -> None:
     _rehash(ckpt)
 
 
+@pytest.mark.e2e
 def test_a_format_2_checkpoint_resumes_exactly_like_the_current_format(run_dir, tmp_path):
     """Checkpoints from before format 3 resume: their scheduler state is ignored, the learning rate follows from
     the step, and the run continues exactly as from the same checkpoint in the current format."""
@@ -198,6 +201,7 @@ def test_a_checkpoint_of_an_unknown_format_is_refused_with_the_reason(run_dir):
         checkpoint.resolve(run_dir, str(newest))
 
 
+@pytest.mark.e2e
 def test_rollback_moves_the_newer_checkpoints_aside(tiny_config, tmp_path):
     run_dir = tmp_path / "run"
     first = run(train_command(tiny_config, "--max-steps", "9", "--checkpoint-every", "3"))
@@ -255,6 +259,7 @@ def test_a_kill_while_replacing_best_keeps_a_best(run_dir):
     assert not (root / ".tmp-best").exists()
 
 
+@pytest.mark.e2e
 def test_unusable_checkpoints_are_moved_aside_never_deleted(run_dir):
     """Only unusable checkpoints (here: the older, pickled format): --resume none refuses, --resume auto starts
     afresh and keeps them in abandoned-<time>/ instead of letting retention delete them."""

@@ -1,23 +1,18 @@
 """Every launch script with --set takes it repeatedly, and all the overrides apply (train, evaluate, bench,
 bench_data); importing capsdist changes nothing in the process."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
 import yaml
 
+from fixtures import launch_script
 from train_helpers import REPO, TRAIN, run, run_env, train_command
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
+@pytest.mark.e2e
 def test_train_and_evaluate_take_repeated_set(tiny_config, tmp_path):
     trained = run(
         train_command(
@@ -60,7 +55,7 @@ def test_train_and_evaluate_take_repeated_set(tiny_config, tmp_path):
 
 def test_bench_and_bench_data_take_repeated_set(tiny_config, capsys):
     assert (
-        _script("bench_data").main(
+        launch_script("bench_data").main(
             ["--config", str(tiny_config), "--set", "train.batch_size=8", "--set", "data.num_workers=0", "--steps", "2"]
         )
         == 0
@@ -68,7 +63,7 @@ def test_bench_and_bench_data_take_repeated_set(tiny_config, capsys):
     out = json.loads(capsys.readouterr().out)
     assert (out["batch_size"], out["workers"]) == (8, 0)
     assert (
-        _script("bench").main(
+        launch_script("bench").main(
             [
                 "--config",
                 str(tiny_config),
@@ -91,6 +86,7 @@ def test_bench_and_bench_data_take_repeated_set(tiny_config, capsys):
     assert (out["batch_size"], out["routing_iterations"], out["mixed_precision"]) == (2, 2, "bf16")
 
 
+@pytest.mark.e2e
 def test_importing_capsdist_changes_nothing_in_the_process():
     """No environment variable and no logging handler comes from importing the package and its modules: the
     launch scripts set those up (capsdist.cli.setup_process)."""

@@ -22,7 +22,7 @@ import capsdist
 from capsdist.data import shards, sources
 from capsdist.data.manifest import load_manifest
 from capsdist.errors import DataError
-from test_data_formats import make_idx_source, make_norb_source, norb_bytes, trust, write
+from fixtures import make_idx_source, make_norb_source, norb_bytes, trust, write
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -181,6 +181,7 @@ def test_same_sources_give_identical_shards(tmp_path, monkeypatch):
     assert a.splits["train"].shards[0].sha256 == b.splits["train"].shards[0].sha256
 
 
+@pytest.mark.e2e
 def test_cli_prints_error_without_traceback(tmp_path):
     (tmp_path / "empty").mkdir()
     result = subprocess.run(

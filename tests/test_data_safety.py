@@ -21,7 +21,7 @@ from capsdist.data.shards import png
 from capsdist.data import DataOptions, eval_loader, load_manifest
 from capsdist.errors import DataError
 from capsdist.run import data_options, load_data
-from test_data_formats import prepare_idx_shards
+from fixtures import prepare_idx_shards
 
 N_TRAIN, N_TEST = 40, 20
 

@@ -15,8 +15,7 @@ import yaml
 from capsdist.data import shards
 from capsdist.data.plan import TRAIN_AZIMUTHS
 from capsdist.experiments.viewpoints import Point, match
-from test_cli import _script
-from test_data_formats import make_norb_source, trust
+from fixtures import launch_script, make_norb_source, trust
 from train_helpers import REPO, TEST, TINY, run, train_command
 
 EXPERIMENT = [sys.executable, str(REPO / "launch" / "experiment.py")]
@@ -48,6 +47,7 @@ def norb_shards(tmp_path_factory) -> tuple[Path, dict]:
     return root / "shards", raw
 
 
+@pytest.mark.e2e
 def test_viewpoints_end_to_end_on_a_smallnorb_fixture(norb_shards, tmp_path):
     path, raw = norb_shards
     config = write_config(
@@ -162,6 +162,7 @@ def tiny_runs(tiny_shards, tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
+@pytest.mark.e2e
 def test_adversarial_end_to_end_with_wandb_offline(tiny_runs, tmp_path):
     out = tmp_path / "out"
     result = run(
@@ -208,6 +209,7 @@ def test_adversarial_end_to_end_with_wandb_offline(tiny_runs, tmp_path):
     assert len(list(media.glob("success_rate_table_*.table.json"))) == 1
 
 
+@pytest.mark.e2e
 def test_adversarial_untargeted_fgsm_on_the_first_images_and_chosen_checkpoints(tiny_runs, tmp_path):
     step5 = tiny_runs["caps"] / "checkpoints" / "step-0000005"
     result = run(
@@ -256,7 +258,10 @@ def test_adversarial_untargeted_fgsm_on_the_first_images_and_chosen_checkpoints(
     ],
 )
 def test_adversarial_arguments_a_user_can_get_wrong(tmp_path, capsys, args, message):
-    assert _script("experiment").main(["adversarial", "--run-dir", str(tmp_path), "--out", str(tmp_path), *args]) == 2
+    assert (
+        launch_script("experiment").main(["adversarial", "--run-dir", str(tmp_path), "--out", str(tmp_path), *args])
+        == 2
+    )
     assert message in capsys.readouterr().err
 
 
@@ -266,7 +271,7 @@ def test_runs_on_other_images_or_viewpoints_are_refused(tiny_runs, norb_shards, 
     cfg = yaml.safe_load((tiny_runs["cnn"] / "config.yaml").read_text())
     cfg["data"].update(dataset="smallnorb", shards=str(norb_shards[0]), viewpoint="elevation")
     (other / "config.yaml").write_text(yaml.safe_dump(cfg))
-    experiment = _script("experiment").main
+    experiment = launch_script("experiment").main
     assert (
         experiment(
             [

@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # every test here starts Python processes
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ["env", "tests-equivalence", "tests-cuda"] + [
     f"bench-{preset}-{impl}" for preset in ("full", "small") for impl in ("torch", "triton")

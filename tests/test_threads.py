@@ -58,6 +58,7 @@ def test_setup_process_sets_omp_wait_policy_only_when_unset(monkeypatch):
 @pytest.mark.parametrize(
     "script", ["train.py", "bench.py", "evaluate.py", "bench_data.py", "measure_cpu.py", "experiment.py"]
 )
+@pytest.mark.e2e
 def test_launch_scripts_set_up_the_process_before_torch_loads(script):
     """Importing a launch script loads no torch, and no capsdist import changes the environment: setup_process
     (OMP_WAIT_POLICY) runs before OpenMP is loaded."""

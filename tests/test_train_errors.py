@@ -26,6 +26,7 @@ from train_helpers import BATCH, STEPS_PER_EPOCH, losses, metrics, run, train_co
         ("train.mixed_precision=fp8", ["train.mixed_precision", "bf16"]),
     ],
 )
+@pytest.mark.e2e
 def test_config_errors_stop_before_any_work(tiny_config, tmp_path, override, words):
     result = run(train_command(tiny_config, "--set", override))
     assert result.returncode == 2
@@ -35,12 +36,14 @@ def test_config_errors_stop_before_any_work(tiny_config, tmp_path, override, wor
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.e2e
 def test_batch_not_divisible_by_world_size(tiny_config):
     result = run(train_command(tiny_config, "--set", "train.batch_size=15", procs=2))
     assert result.returncode != 0
     assert f"{tiny_config}: train.batch_size: 15 is not divisible by the 2 processes" in result.stderr
 
 
+@pytest.mark.e2e
 def test_missing_shards_name_the_prepare_command(tiny_config, tmp_path):
     result = run(train_command(tiny_config, "--set", f"data.shards={tmp_path / 'absent'}"))
     assert result.returncode == 2

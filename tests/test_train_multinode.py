@@ -6,7 +6,11 @@ import sys
 
 import torch
 
+import pytest
+
 from train_helpers import REPO, free_port, losses, run, run_env, train_command, weights
+
+pytestmark = pytest.mark.e2e  # every test here starts Python processes
 
 
 def test_two_nodes_then_one_node_match_one_node(tiny_config, tmp_path):

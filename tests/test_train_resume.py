@@ -22,6 +22,8 @@ from train_helpers import (
     weights,
 )
 
+pytestmark = pytest.mark.e2e  # every test here starts Python processes
+
 TOTAL = STEPS_PER_EPOCH + 12  # crosses an epoch boundary after the resume
 
 

@@ -4,7 +4,11 @@ processes."""
 import json
 import sys
 
+import pytest
+
 from train_helpers import REPO, STEPS_PER_EPOCH, TEST, TRAIN, free_port, metrics, run, train_command, train_state
+
+pytestmark = pytest.mark.e2e  # every test here starts Python processes
 
 
 def test_two_process_run_and_evaluate(tiny_config, tmp_path):

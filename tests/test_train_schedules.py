@@ -7,6 +7,7 @@ from capsdist.errors import ConfigError
 from train_helpers import TRAIN, metrics, run, train_command
 
 
+@pytest.mark.e2e
 def test_lr_and_margin_agree_at_batch_16_and_64_against_images_seen(tiny_config, tmp_path):
     curves = {}
     for batch in (16, 64):

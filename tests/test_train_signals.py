@@ -6,8 +6,12 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from capsdist.train import checkpoint
 from train_helpers import kill_group, losses, start, train_command, train_state, wait_for_step
+
+pytestmark = pytest.mark.e2e  # every test here starts Python processes
 
 
 def _rank_pid(launcher: int, rank: int) -> int:

@@ -5,7 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from train_helpers import run, train_command
+
+pytestmark = pytest.mark.e2e  # every test here starts Python processes
 
 WANDB = Path(sys.executable).with_name("wandb")
 

@@ -14,7 +14,7 @@ import pytest
 from capsdist.config import load_config
 from capsdist.data import shards, sources
 from capsdist.errors import ConfigError
-from test_data_formats import make_idx_source, make_norb_source, trust
+from fixtures import make_idx_source, make_norb_source, trust
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -36,6 +36,7 @@ def _prepare_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.e2e
 def test_a_negative_subset_is_a_usage_error(tmp_path):
     make_idx_source(tmp_path / "idx", 20, 10, gz=False)
     result = _prepare_cli(
@@ -45,6 +46,7 @@ def test_a_negative_subset_is_a_usage_error(tmp_path):
     assert "--subset train=-5: sizes must be at least 1" in result.stderr
 
 
+@pytest.mark.e2e
 def test_out_pointing_at_a_file_is_a_data_error(tmp_path):
     make_idx_source(tmp_path / "idx", 20, 10, gz=False)
     (tmp_path / "out").write_text("not a folder")
