@@ -17,20 +17,15 @@ import torch
 from capsdist.errors import CheckpointError
 from capsdist.train import checkpoint, trainer
 from capsdist.config import load_config
-from train_helpers import REPO, metrics, run, train_command, train_state
+from train_helpers import REPO, metrics, run, train_command, train_state, write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory) -> Path:
     """A tiny run of 6 steps with checkpoints step-3, step-6 and best (do not modify: copy it)."""
-    from train_helpers import TINY
-    import yaml
-
     root = tmp_path_factory.mktemp("trained")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["data"]["shards"], cfg["run_dir"] = str(tiny_shards), str(root / "run")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    done = run(train_command(root / "tiny.yaml", "--max-steps", "6", "--checkpoint-every", "3"))
+    config = write_tiny_config(root / "tiny.yaml", tiny_shards, root / "run")
+    done = run(train_command(config, "--max-steps", "6", "--checkpoint-every", "3"))
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "run"
 

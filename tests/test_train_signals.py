@@ -4,38 +4,9 @@ checkpoints and exits 0."""
 import os
 import signal
 import time
-from pathlib import Path
 
 from capsdist.train import checkpoint
-from train_helpers import kill_group, losses, start, train_command, train_state, wait_for_step
-
-
-def _rank_pid(launcher: int, rank: int) -> int:
-    """The pid of training process `rank` started (directly or not) by `launcher`."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            parents = _ancestors(int(entry.name))
-        except OSError:
-            continue
-        if (
-            launcher in parents
-            and f"RANK={rank}".encode() in environ
-            and b"LOCAL_RANK=" + str(rank).encode() in environ
-        ):
-            return int(entry.name)
-    raise AssertionError(f"no rank {rank} under {launcher}")
-
-
-def _ancestors(pid: int) -> list[int]:
-    chain = []
-    while pid > 1:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        chain.append(pid)
-    return chain
+from train_helpers import kill_group, losses, rank_pid, start, train_command, train_state, wait_for_step
 
 
 def test_a_hung_rank_stops_the_run_after_the_timeout(tiny_config, tmp_path):
@@ -53,7 +24,7 @@ def test_a_hung_rank_stops_the_run_after_the_timeout(tiny_config, tmp_path):
     proc = start(cmd, tmp_path / "hung.log")
     try:
         wait_for_step(proc, run_dir, 4)
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGSTOP)  # alive but silent, as on a dead NFS mount
+        os.kill(rank_pid(proc.pid, 1), signal.SIGSTOP)  # alive but silent, as on a dead NFS mount
         stopped = time.monotonic()
         code = proc.wait(timeout=150)
         waited = time.monotonic() - stopped

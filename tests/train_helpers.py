@@ -34,15 +34,28 @@ TINY = {
 }
 
 
+def write_tiny_config(path: Path, shards: Path, run_dir: Path) -> Path:
+    """TINY on `shards` with run directory `run_dir`, as the YAML file `path`."""
+    import yaml
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["shards"], cfg["run_dir"] = str(shards), str(run_dir)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
-    """The command line of launch/train.py on 1 process (python) or `procs` CPU processes (capsdist.launch)."""
-    script = [str(REPO / "launch" / "train.py"), "--config", str(config), *args]
+def train_command(
+    config: Path, *args: str, procs: int = 1, launch: tuple[str, ...] = (), script: Path = REPO / "launch" / "train.py"
+) -> list[str]:
+    """The command line of `script` (launch/train.py) on 1 process (python) or `procs` CPU processes
+    (capsdist.launch, with the extra launcher arguments `launch`)."""
+    script = [str(script), "--config", str(config), *args]
     if procs == 1:
         return [sys.executable, *script]
     return [
@@ -55,6 +68,7 @@ def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
         str(procs),
         "--main_process_port",
         str(free_port()),
+        *launch,
         *script,
     ]
 
@@ -106,6 +120,34 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     os.killpg(proc.pid, sig)
     proc.wait(timeout=60)
+
+
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of training process `rank` started (directly or not) by `launcher`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parents = _ancestors(int(entry.name))
+        except OSError:
+            continue
+        if (
+            launcher in parents
+            and f"RANK={rank}".encode() in environ
+            and b"LOCAL_RANK=" + str(rank).encode() in environ
+        ):
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} under {launcher}")
+
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
 
 
 def weights(checkpoint: Path) -> dict:
