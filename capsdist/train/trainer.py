@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from capsdist import threads
@@ -39,6 +39,7 @@ from capsdist.train import checkpoint
 from capsdist.train.checkpoint import TrainState
 from capsdist.train.evaluation import evaluate
 from capsdist.train.health import ClassHealthMonitor, grad_norm_tensors
+from capsdist.train.lock import RunLock
 from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
 from capsdist.train.tracking import Tracker, wandb_settings
 
@@ -52,19 +53,30 @@ class Trainer:
         self.cfg, self.source = cfg, source
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        wandb_kwargs = wandb_settings(cfg, self.run_dir, is_main=_is_main_env())
+        self.lock = RunLock(self.run_dir)  # held by rank 0 until fit() ends (capsdist/train/lock.py)
+        try:
+            self._build(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, resume: str) -> None:
+        cfg = self.cfg
+        holder = self.lock.acquire() if _is_main_env() else None  # before anything is written into the run dir
+        wandb_kwargs = None if holder else wandb_settings(cfg, self.run_dir, is_main=_is_main_env())
         self.accelerator = acc = make_accelerator(cfg, log_with="wandb" if wandb_kwargs else None)
+        self._stop_if_locked(holder)
         log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
         self.world = acc.num_processes
         if cfg.train.batch_size % self.world:
             raise ConfigError(
-                f"{source}: train.batch_size: {cfg.train.batch_size} is not divisible by the "
+                f"{self.source}: train.batch_size: {cfg.train.batch_size} is not divisible by the "
                 f"{self.world} processes; use a multiple of {self.world}"
             )
         eval_batch = cfg.eval.batch_size or cfg.train.batch_size
         if eval_batch % self.world:
             raise ConfigError(
-                f"{source}: eval.batch_size: {eval_batch} is not divisible by the "
+                f"{self.source}: eval.batch_size: {eval_batch} is not divisible by the "
                 f"{self.world} processes; use a multiple of {self.world}"
             )
         self.per_rank_batch, self.eval_per_rank = cfg.train.batch_size // self.world, eval_batch // self.world
@@ -110,6 +122,15 @@ class Trainer:
         self._grad_norms: dict[str, torch.Tensor] = {}  # of the last log step's backward, on the device
         self.class_health = ClassHealthMonitor(cfg.logging.health_warn_steps)
         self._saved_step = self.state.step if self.resume_from is not None else -1
+
+    def _stop_if_locked(self, holder: str | None) -> None:
+        """Every rank stops at once (ConfigError) when rank 0 found the run directory held by another trainer."""
+        (holder,) = broadcast_object_list([holder])
+        if holder:
+            raise ConfigError(
+                f"{self.run_dir} is in use by another trainer ({holder}); wait for it to end or stop it, "
+                "or give this run another --run-dir"
+            )
 
     def _resume_path(self, resume: str) -> Path | None:
         if resume == "none":
@@ -167,7 +188,14 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        """Train to the configured end (or a stop signal); returns the last evaluation's metrics."""
+        """Train to the configured end (or a stop signal); returns the last evaluation's metrics. The run
+        directory's lock is released when it returns, however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> dict:
         acc, state = self.accelerator, self.state
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.tracker.log(
