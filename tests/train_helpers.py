@@ -73,9 +73,11 @@ def train_command(
     ]
 
 
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run to completion in the repository root, output captured as text."""
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env())
+def run(cmd: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run to completion in the repository root, output captured as text; `env` adds to `run_env()`."""
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**run_env(), **(env or {})}
+    )
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:

@@ -19,8 +19,9 @@ CheckpointError), and every file is checked against checkpoint.json before anyth
 All ranks write into `.tmp-step-0000500`, meet at a barrier, then rank 0 hashes and fsyncs every file,
 writes checkpoint.json atomically, renames the directory into place and fsyncs the parent, so a
 directory named `step-*` is complete. `--resume auto` takes the newest checkpoint that verifies and
-names, in a warning, what was wrong with any newer one. Resuming from an older checkpoint moves the
-newer ones (and a newer `best`) to `checkpoints/abandoned-<time>/`: the run continues from the past,
+names, in a warning, what was wrong with any newer one; rank 0 makes that choice for all ranks, and every
+rank checks that it can read the chosen one before anything is moved or pruned (`agree`). Resuming from an
+older checkpoint moves the newer ones (and a newer `best`) to `checkpoints/abandoned-<time>/`: the run continues from the past,
 and retention never deletes the new checkpoints in favour of the abandoned ones. `best/` is a copy of
 the step checkpoint with the best selection metric. Deletions and replacements go through a rename
 first (`.trash-*`, `.old-*`), so a kill at any moment leaves no half-deleted `step-*` and always a `best`
@@ -39,14 +40,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from accelerate.utils import load as safe_load
 from safetensors.torch import load_file as safetensors_load_file
 
-from capsdist.errors import CheckpointError, TrainingError
+from capsdist.errors import CapsdistError, CheckpointError, TrainingError
 from capsdist.files import copy_durable, fsync_dir, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
@@ -171,6 +173,40 @@ def resolve(run_dir: str | Path, which: str) -> Path:
         raise CheckpointError(
             f"{path}: not a usable checkpoint: {problem}; choose another checkpoint "
             "(--resume auto takes the newest one that verifies)"
+        )
+    return path
+
+
+def agree(accelerator: Accelerator, choose: Callable[[], Path | None]) -> Path | None:
+    """The checkpoint to resume on every rank: rank 0's `choose()` (None: none), broadcast, then read by every rank.
+
+    Each rank verifies the chosen checkpoint in its own view of the run directory (a stale NFS cache can show a
+    rank an older listing, or no such directory) and all compare the checkpoint.json they read. A CapsdistError of
+    rank 0's choice, or a rank that cannot use the choice, is raised on every rank before anything is changed."""
+    decision: list = [None, None]  # (path, error)
+    if accelerator.is_main_process:
+        try:
+            decision[0] = choose()
+        except CapsdistError as err:
+            decision[1] = err
+    path, error = broadcast_object_list(decision)
+    if error is not None:
+        raise error
+    if path is None:
+        return None
+    problem = verify(path)
+    views = gather_object([(problem, None if problem else sha256_file(path / META))])
+    for rank, (problem, _) in enumerate(views):
+        if problem is not None:
+            raise CheckpointError(
+                f"{path}: rank 0 chose it to resume from, but rank {rank} cannot use it ({problem}); every process "
+                "must see the same run directory (a shared filesystem: after a requeue NFS can show a stale listing "
+                "for its attribute cache time, actimeo); nothing was changed: resume again with --resume auto"
+            )
+    if len({digest for _, digest in views}) > 1:
+        raise CheckpointError(
+            f"{path}: the processes read different versions of its {META}; every process must see the same run "
+            "directory (a shared filesystem); nothing was changed: resume again with --resume auto"
         )
     return path
 

@@ -80,7 +80,7 @@ class Trainer:
                 f"{self.world} processes; use a multiple of {self.world}"
             )
         self.per_rank_batch, self.eval_per_rank = cfg.train.batch_size // self.world, eval_batch // self.world
-        self.resume_from = self._resume_path(resume)
+        self.resume_from = checkpoint.agree(acc, lambda: self._resume_path(resume))  # before anything is pruned
         if cfg.checkpoint.best_metric == "test_accuracy":
             log.warning(
                 "checkpoint.best_metric is test_accuracy: `best` is selected on the TEST split, so its "
@@ -133,6 +133,7 @@ class Trainer:
             )
 
     def _resume_path(self, resume: str) -> Path | None:
+        """The checkpoint `--resume` names (auto: the newest that verifies, or None), as rank 0 sees the run dir."""
         if resume == "none":
             if checkpoint.step_dirs(self.run_dir):
                 raise ConfigError(
