@@ -1,6 +1,9 @@
 """Multi-process restarts on 2 CPU processes (gloo): every rank resumes the checkpoint rank 0 chose, whatever its
-own view of the run directory, or all stop before anything is changed."""
+own view of the run directory, or all stop before anything is changed; torchrun's elastic agent restarts a group
+that lost a rank to kill -9, and the run continues from its newest checkpoint exactly as if uninterrupted."""
 
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -9,10 +12,14 @@ from capsdist.train import checkpoint
 from train_helpers import (
     REPO,
     STEPS_PER_EPOCH,
+    kill_group,
     losses,
     metrics,
+    rank_pid,
     run,
+    start,
     train_command,
+    wait_for_step,
     write_tiny_config,
 )
 
@@ -79,3 +86,33 @@ def test_a_rank_that_cannot_read_the_choice_stops_every_rank_before_anything_cha
     assert resumed.stderr.count(message) == 2, resumed.stderr[-3000:]  # both ranks, at once
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before  # nothing pruned or moved
     assert [m["step"] for m in metrics(run_dir) if "event/start" in m] == [0]
+
+
+def test_the_elastic_agent_restarts_a_group_that_lost_a_rank(config, reference, tmp_path):
+    """kill -9 of rank 1 under `python -m capsdist.launch --max_restarts 1`: the agent ends rank 0, starts both
+    again, and --resume auto continues from the newest checkpoint; the losses are those of an uninterrupted run."""
+    run_dir = tmp_path / "elastic"
+    cmd = train_command(
+        config,
+        "--run-dir",
+        str(run_dir),
+        "--max-steps",
+        str(TOTAL),
+        "--checkpoint-every",
+        "2",
+        procs=2,
+        launch=("--max_restarts", "1"),
+    )
+    proc = start(cmd, tmp_path / "elastic.log")
+    try:
+        wait_for_step(proc, run_dir, 6)
+        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
+        code = proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+    log = (tmp_path / "elastic.log").read_text()
+    assert code == 0, log[-3000:]
+    starts = [m["step"] for m in metrics(run_dir) if "event/start" in m]
+    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < TOTAL and starts[1] % 2 == 0, starts
+    assert losses(run_dir) == reference
