@@ -211,6 +211,19 @@ def test_rollback_moves_the_newer_checkpoints_aside(tiny_config, tmp_path):
     assert [m["step"] for m in metrics(run_dir) if "event/start" in m] == [0, 6, 8]
 
 
+def test_best_keeps_its_metric_when_the_last_evaluation_falls_on_a_saved_step(tiny_config, tmp_path):
+    """--max-steps a multiple of checkpoint.every_steps (a chunked job): step-10 is saved in the loop, then the
+    final evaluation at step 10 makes it `best`; both keep that metric, so a later, worse evaluation after a resume
+    does not replace it."""
+    cfg = load_config(tiny_config, ["train.max_steps=10", "checkpoint.every_steps=5"])
+    trainer.Trainer(cfg, source=str(tiny_config)).fit()
+    run_dir = tmp_path / "run"
+    (val,) = [m["val/accuracy"] for m in metrics(run_dir) if "val/accuracy" in m]  # the final evaluation only
+    for name in ("step-0000010", "best"):
+        state = train_state(run_dir / "checkpoints" / name)
+        assert (state["best_metric"], state["best_step"]) == (val, 10), name
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL in the middle of a deletion."""
 

@@ -121,7 +121,8 @@ class Trainer:
         self._pending: list[_StepRecord] = []  # steps whose reduced values are still on the device
         self._grad_norms: dict[str, torch.Tensor] = {}  # of the last log step's backward, on the device
         self.class_health = ClassHealthMonitor(cfg.logging.health_warn_steps)
-        self._saved_step = self.state.step if self.resume_from is not None else -1
+        self._checkpoint = self.resume_from  # the last checkpoint written or resumed from ...
+        self._checkpoint_state = self.state.state_dict() if self.resume_from is not None else None  # ... its state
 
     def _stop_if_locked(self, holder: str | None) -> None:
         """Every rank stops at once (ConfigError) when rank 0 found the run directory held by another trainer."""
@@ -456,14 +457,14 @@ class Trainer:
         return metrics
 
     def _save(self) -> Path:
-        """Write the step checkpoint (once per step); NaN weights are refused."""
+        """Write the step checkpoint, once per state: again at a step already saved when the state changed since
+        (the evaluation after a periodic checkpoint found a new `best`). NaN weights are refused."""
         self._flush()
-        path = checkpoint.checkpoint_dir(self.run_dir) / f"step-{self.state.step:07d}"
-        if self._saved_step == self.state.step:
-            return path
+        if self._checkpoint_state == self.state.state_dict():
+            return self._checkpoint
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
         path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
-        self._saved_step = self.state.step
+        self._checkpoint, self._checkpoint_state = path, self.state.state_dict()
         return path
 
     def _on_signal(self, signum, frame) -> None:
