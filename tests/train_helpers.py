@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -42,6 +43,25 @@ def write_tiny_config(path: Path, shards: Path, run_dir: Path) -> Path:
     cfg["data"]["shards"], cfg["run_dir"] = str(shards), str(run_dir)
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def faulty_loss(steps: set[int], fault=lambda loss: loss * math.nan):
+    """A replacement for capsdist.train.trainer.make_loss whose loss goes through `fault` at the given (0-based)
+    global steps (default: a NaN loss)."""
+    from capsdist.train import trainer
+
+    real = trainer.make_loss
+
+    def make_loss(*args, **kwargs):
+        loss_fn = real(*args, **kwargs)
+
+        def patched(acts, labels, step):
+            loss, margin = loss_fn(acts, labels, step)
+            return (fault(loss) if step in steps else loss), margin
+
+        return patched
+
+    return make_loss
 
 
 def free_port() -> int:

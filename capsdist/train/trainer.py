@@ -366,8 +366,9 @@ class Trainer:
             self.tracker.log(values, record.step)
             if self._nonfinite_run >= self.cfg.train.max_nonfinite:
                 raise TrainingError(
-                    f"{self._nonfinite_run} non-finite losses in a row at step {record.step}; lower "
-                    f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto"
+                    f"{self._nonfinite_run} non-finite steps in a row at step {record.step}, none of them "
+                    f"checkpointed; {self._last_healthy()}. Lower optim.lr or set optim.grad_clip, then continue "
+                    f"with --resume auto --run-dir {self.run_dir}"
                 )
         return last
 
@@ -448,7 +449,7 @@ class Trainer:
             )
             self.tracker.log_eval_media(split, result, self.classes, state.step)
         score = metrics[cfg.checkpoint.best_metric]
-        improved = score > state.best_metric
+        improved = score > state.best_metric and not self._nonfinite_run  # no checkpoint to copy in a streak
         if improved:
             state.best_metric, state.best_step = score, state.step
         path = self._save()
@@ -456,16 +457,32 @@ class Trainer:
             checkpoint.copy_to_best(self.accelerator, path)
         return metrics
 
-    def _save(self) -> Path:
+    def _save(self) -> Path | None:
         """Write the step checkpoint, once per state: again at a step already saved when the state changed since
-        (the evaluation after a periodic checkpoint found a new `best`). NaN weights are refused."""
+        (the evaluation after a periodic checkpoint found a new `best`). None while the last steps were skipped as
+        non-finite: the weights that made them so may be poisoned though finite, and retention would prune the
+        healthy checkpoints for them. NaN weights are refused."""
         self._flush()
+        if self._nonfinite_run:
+            log.warning(
+                "step %d: not checkpointing after %d non-finite steps in a row; %s",
+                self.state.step,
+                self._nonfinite_run,
+                self._last_healthy(),
+            )
+            return None
         if self._checkpoint_state == self.state.state_dict():
             return self._checkpoint
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
         path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
         self._checkpoint, self._checkpoint_state = path, self.state.state_dict()
         return path
+
+    def _last_healthy(self) -> str:
+        """Names the checkpoint a run stopped by non-finite steps continues from: the last one written or resumed."""
+        if self._checkpoint is None:
+            return "no checkpoint was written before them"
+        return f"the last healthy checkpoint is {self._checkpoint} (step {self._checkpoint_state['step']})"
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signal.Signals(signum).name
