@@ -3,9 +3,9 @@
 One `Trainer(cfg).fit()` call runs on every process. Per global step each rank takes its
 per_rank_batch = batch_size / world_size samples, and one all-reduce combines the ranks'
 loss, correct count, non-finite flag, skipped corrupt samples and stop request (SIGTERM/SIGINT), so all ranks skip,
-stop and log the same way. The step never waits for the device: the skip of a non-finite step is decided on the
-device (the all-reduced flag becomes the fused optimizer's found_inf), and the reduced values stay there until a
-host step (log, evaluation, checkpoint, epoch end), which reads all the steps since the last one at once, logs
+stop and log the same way. The step never waits for the device: the skip of a step whose loss (any rank) or
+gradients are non-finite is decided on the device (capsdist/train/update.py), and the reduced values and the skip
+flag stay there until a host step (log, evaluation, checkpoint, epoch end), which reads all the steps since the last one at once, logs
 each, counts non-finite steps and skipped samples, and acts on stop requests (so in a multi-process run a stop
 request takes effect at the next host step). The data position (epoch, batches consumed) lives in `TrainState`;
 a resumed run recreates that epoch's loader and skips the consumed batches, which continues
@@ -42,6 +42,7 @@ from capsdist.train.health import ClassHealthMonitor, grad_norm_tensors
 from capsdist.train.lock import RunLock
 from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
 from capsdist.train.tracking import Tracker, wandb_settings
+from capsdist.train.update import GuardedUpdate
 
 log = logging.getLogger("capsdist")
 
@@ -103,6 +104,7 @@ class Trainer:
         set_seed(cfg.train.seed)
         model = model_for_data(cfg, self.manifest, self.opts)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg.optim, model))
+        self.update = GuardedUpdate(self.optimizer.optimizer, acc.scaler, acc.device.type)  # the skip of bad steps
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
         self.loss_fn = make_loss(
             cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_steps=cfg.loss.max_margin_steps
@@ -290,9 +292,9 @@ class Trainer:
     def _train_step(self, batch) -> None:
         """One global step on this rank's batch, queued without reading any device value on the host.
 
-        A step whose loss is non-finite on any rank is skipped by every rank: the all-reduced flag goes to the
-        fused optimizer as found_inf, which then leaves weights, moments and step count alone (on the device; the
-        gradients may be non-finite and are dropped). `_flush` reads the reduced values on the next host step."""
+        A step whose loss is non-finite on any rank, or whose gradients are, is skipped by every rank: GuardedUpdate
+        leaves weights, moments and step count alone (decided on the device). `_flush` reads the reduced values and
+        the skip on the next host step."""
         acc, state, model, batch_size = self.accelerator, self.state, self.model, self.cfg.train.batch_size
         images = batch.images.to(acc.device, non_blocking=True)  # (B, C, H, W)
         labels = batch.labels.to(acc.device, non_blocking=True)  # (B,)
@@ -314,19 +316,19 @@ class Trainer:
         )
         reduced = acc.reduce(local, "sum")  # the step's one collective: nonfinite, stop, correct, loss sum, skipped
         lr = learning_rate(state.step, self.cfg.optim, self.schedule_steps)
-        acc.backward(loss)
+        self.update.backward(loss, poisoned=reduced[0] > 0)  # the gradients, unscaled under fp16
         if (state.step + 1) % self.cfg.logging.every_steps == 0:  # a log step: gradient norms before clipping
             self._grad_norms = grad_norm_tensors(acc.unwrap_model(model))
-        if self.cfg.optim.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+        if self.cfg.optim.grad_clip > 0:  # torch's: Accelerate's would unscale the gradients a second time
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
         set_learning_rate(self.optimizer, lr)
-        self.optimizer.optimizer.found_inf = (reduced[0] > 0).float()  # fused Adam skips the update where 1
-        self.optimizer.step()
+        skipped_step = self.update.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batch_in_epoch += 1
         state.samples_seen += batch_size
-        self._pending.append(_StepRecord(state.step, state.epoch, lr, margin, reduced))
+        values = torch.cat([reduced, skipped_step.double()[None]])  # (6,): the reduced five, then the skip
+        self._pending.append(_StepRecord(state.step, state.epoch, lr, margin, values))
         if self.world == 1 and self._signal:  # a local flag: no device read needed to agree
             self._stop = True
 
@@ -338,23 +340,23 @@ class Trainer:
             return None
         records, self._pending = self._pending, []
         batch_size, state, last = self.cfg.train.batch_size, self.state, None
-        values_per_step = torch.stack([r.reduced for r in records]).tolist()
-        for record, (nonfinite, stop, correct, loss_sum, skipped) in zip(records, values_per_step):
-            if nonfinite:
+        values_per_step = torch.stack([r.values for r in records]).tolist()
+        for record, (nonfinite, stop, correct, loss_sum, skipped, skipped_step) in zip(records, values_per_step):
+            if skipped_step:
                 state.nonfinite_total += 1
                 self._nonfinite_run += 1
                 log.warning(
-                    "step %d: non-finite loss on %d rank(s), step skipped (%d in a row)",
+                    "step %d: %s, step skipped (%d in a row)",
                     record.step,
-                    int(nonfinite),
+                    f"non-finite loss on {int(nonfinite)} rank(s)" if nonfinite else "non-finite gradients",
                     self._nonfinite_run,
                 )
             else:
                 self._nonfinite_run = 0
             self._stop = self._stop or bool(stop)
-            last = None if nonfinite else loss_sum / batch_size
+            last = None if skipped_step else loss_sum / batch_size
             values = {
-                "train/loss": last,
+                "train/loss": None if nonfinite else loss_sum / batch_size,
                 "train/accuracy": correct / batch_size,
                 "lr": record.lr,
                 "epoch": record.epoch,
@@ -499,13 +501,14 @@ class Trainer:
 
 
 class _StepRecord(NamedTuple):
-    """A step's host values and its all-reduced (nonfinite, stop, correct, loss sum, skipped), still on the device."""
+    """A step's host values and, still on the device, its all-reduced (nonfinite, stop, correct, loss sum, skipped)
+    and whether its update was skipped."""
 
     step: int
     epoch: int
     lr: float
     margin: float
-    reduced: torch.Tensor
+    values: torch.Tensor  # (6,) float64
 
 
 class _Window:
