@@ -17,7 +17,7 @@ import torch
 from capsdist.errors import CheckpointError
 from capsdist.train import checkpoint, trainer
 from capsdist.config import load_config
-from train_helpers import REPO, metrics, run, train_command, train_state, write_tiny_config
+from train_helpers import REPO, metrics, run, train_command, train_state, weights, write_tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,28 @@ def test_a_checkpoint_never_runs_code(run_dir, tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert "not a usable checkpoint" in result.stderr and "never loaded" in result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_evaluation_reads_the_checkpoint_it_verified(run_dir, monkeypatch, change):
+    """A training run's retention (or a new `best`) can take the checkpoint away between its verification and its
+    reading: the evaluation then stops with a message saying so, never a FileNotFoundError or another one's weights."""
+    from capsdist.evaluate import evaluate_run
+
+    real = checkpoint.resolve
+
+    def resolve_then_change(run_dir, which):
+        path = real(run_dir, which)
+        if change == "deleted":
+            shutil.rmtree(path)
+        else:  # the weights of another checkpoint under this one's name
+            shutil.copy(path.parent / "step-0000003" / checkpoint.WEIGHTS_FILE, path / checkpoint.WEIGHTS_FILE)
+        return path
+
+    monkeypatch.setattr(checkpoint, "resolve", resolve_then_change)
+    newest = run_dir / "checkpoints" / "step-0000006"
+    with pytest.raises(CheckpointError, match=re.escape(f"{newest}: {change} while it was read")):
+        evaluate_run(run_dir, "latest", "val")
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -180,7 +202,7 @@ def test_a_format_2_checkpoint_resumes_exactly_like_the_current_format(run_dir, 
         for folder in (run_dir, old)
     ]
     assert steps[0] == steps[1] and {7, 8} <= set(steps[0])
-    new_weights, old_weights = (checkpoint.read_weights(f / "checkpoints" / "step-0000008") for f in (run_dir, old))
+    new_weights, old_weights = (weights(f / "checkpoints" / "step-0000008") for f in (run_dir, old))
     assert all(torch.equal(new_weights[k], old_weights[k]) for k in new_weights)
     assert json.loads((old / "checkpoints" / "step-0000008" / checkpoint.META).read_text())["format"] == 3
 

@@ -173,9 +173,9 @@ def _ancestors(pid: int) -> list[int]:
 
 
 def weights(checkpoint: Path) -> dict:
-    from capsdist.train.checkpoint import read_weights
+    from capsdist.train.checkpoint import read_checkpoint
 
-    return read_weights(Path(checkpoint))
+    return read_checkpoint(Path(checkpoint))[0]
 
 
 def train_state(checkpoint: Path) -> dict:

@@ -10,7 +10,7 @@ A checkpoint is a directory run_dir/checkpoints/step-0000500/:
     checkpoint.json         written last: format, world size, and the size and sha256 of every file above
 
 This module is the only one that knows these names: the rest of capsdist saves and loads through `save`,
-`load`, `read_state` and `read_weights`. The learning rate is a function of the step (train/optim.py), so no
+`load`, `read_state` and `read_checkpoint`. The learning rate is a function of the step (train/optim.py), so no
 scheduler state is saved. Format 2 also held a LambdaLR's state dict: such checkpoints still load (the
 learning rate follows from their step), format 3 drops it.
 
@@ -31,6 +31,7 @@ once one was written. The run directory must be on a filesystem every rank sees 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 from accelerate.utils import load as safe_load
-from safetensors.torch import load_file as safetensors_load_file
+from safetensors.torch import load as safetensors_load
 
 from capsdist.errors import CapsdistError, CheckpointError, TrainingError
 from capsdist.files import copy_durable, fsync_dir, sha256_file, write_atomic
@@ -215,19 +216,48 @@ def read_state(path: Path) -> TrainState:
     """The TrainState of a verified checkpoint (trainer_state.json: {"train": TrainState dict}; format 2 also
     has a "scheduler" entry, ignored)."""
     try:
-        saved = json.loads((path / STATE_FILE).read_text())
+        return _parse_state((path / STATE_FILE).read_bytes(), path / STATE_FILE)
+    except OSError as err:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({err})") from None
+
+
+def _parse_state(data: bytes, source: Path) -> TrainState:
+    """The TrainState in the bytes of trainer_state.json read from `source`."""
+    try:
+        saved = json.loads(data)
         if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
             raise ValueError("expected the key train")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({err})") from None
+    except ValueError as err:
+        raise CheckpointError(f"{source}: unreadable ({err})") from None
     state = TrainState()
     state.load_state_dict(saved["train"])
     return state
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model's state dict from a verified checkpoint (safetensors: plain tensors, no code)."""
-    return safetensors_load_file(path / WEIGHTS_FILE)
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], TrainState]:
+    """The model's state dict (safetensors: plain tensors, no code) and the TrainState of a verified checkpoint.
+
+    checkpoint.json, the weights and the state are each read once, and what was read is checked against it, so a
+    checkpoint deleted or replaced since its verification (a training run's retention, a new `best`) is a
+    CheckpointError, never a raw FileNotFoundError or a mix of two checkpoints."""
+    names = (WEIGHTS_FILE, STATE_FILE)
+    try:
+        files = json.loads((path / META).read_bytes())["files"]
+        data = {name: (path / name).read_bytes() for name in names}
+    except FileNotFoundError as err:
+        raise CheckpointError(
+            f"{path}: deleted while it was read ({Path(err.filename).name} is gone: a training run's retention, "
+            "checkpoint.keep_last, or a new best); evaluate again, or copy the checkpoint elsewhere first"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / META}: unreadable ({err!r})") from None
+    for name in names:
+        if hashlib.sha256(data[name]).hexdigest() != files.get(name, {}).get("sha256"):
+            raise CheckpointError(
+                f"{path}: replaced while it was read ({name} no longer matches {META}: a training run's new best "
+                "or a checkpoint written again); evaluate again"
+            )
+    return safetensors_load(data[WEIGHTS_FILE]), _parse_state(data[STATE_FILE], path / STATE_FILE)
 
 
 def assert_finite(model: torch.nn.Module) -> None:
