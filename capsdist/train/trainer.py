@@ -1,15 +1,16 @@
 """The training loop: Accelerate DDP, mixed precision, global-step schedules, exact resume.
 
-One `Trainer(cfg).fit()` call runs on every process. Per global step each rank takes its
-per_rank_batch = batch_size / world_size samples, and one all-reduce combines the ranks'
-loss, correct count, non-finite flag, skipped corrupt samples and stop request (SIGTERM/SIGINT), so all ranks skip,
-stop and log the same way. The step never waits for the device: the skip of a step whose loss (any rank) or
-gradients are non-finite is decided on the device (capsdist/train/update.py), and the reduced values and the skip
-flag stay there until a host step (log, evaluation, checkpoint, epoch end), which reads all the steps since the last one at once, logs
-each, counts non-finite steps and skipped samples, and acts on stop requests (so in a multi-process run a stop
-request takes effect at the next host step). The data position (epoch, batches consumed) lives in `TrainState`;
-a resumed run recreates that epoch's loader and skips the consumed batches, which continues
-exactly on the same world size and at the same global sample count on another.
+One `Trainer(cfg).fit()` call runs on every process; rank 0 holds the run directory's lock from the start to the
+end of it (capsdist/train/lock.py). Per global step each rank takes its per_rank_batch = batch_size / world_size
+samples, and one all-reduce combines the ranks' loss, correct count, non-finite flag, skipped corrupt samples and
+stop request (SIGTERM/SIGINT), so all ranks skip, stop and log the same way. The step never waits for the device:
+the skip of a step whose loss (any rank) or gradients are non-finite is decided on the device
+(capsdist/train/update.py), and the reduced values and the skip stay there until a host step (log, evaluation,
+checkpoint, epoch end), which reads all the steps since the last one at once, logs each, counts non-finite steps
+and skipped samples, and acts on stop requests (so in a multi-process run a stop request takes effect at the next
+host step). The data position (epoch, batches consumed) lives in `TrainState`; a resumed run recreates that
+epoch's loader and skips the consumed batches, which continues exactly on the same world size and at the same
+global sample count on another.
 """
 
 from __future__ import annotations
