@@ -12,14 +12,13 @@ from capsdist.train import checkpoint
 from train_helpers import (
     REPO,
     STEPS_PER_EPOCH,
-    kill_group,
+    act_at_step,
     losses,
     metrics,
     rank_pid,
     run,
     start,
     train_command,
-    wait_for_step,
     write_tiny_config,
 )
 
@@ -104,13 +103,7 @@ def test_the_elastic_agent_restarts_a_group_that_lost_a_rank(config, reference, 
         launch=("--max_restarts", "1"),
     )
     proc = start(cmd, tmp_path / "elastic.log")
-    try:
-        wait_for_step(proc, run_dir, 6)
-        os.kill(rank_pid(proc.pid, 1), signal.SIGKILL)
-        code = proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
+    code = act_at_step(proc, run_dir, 6, lambda: os.kill(rank_pid(proc.pid, 1), signal.SIGKILL), timeout=300)
     log = (tmp_path / "elastic.log").read_text()
     assert code == 0, log[-3000:]
     starts = [m["step"] for m in metrics(run_dir) if "event/start" in m]

@@ -6,7 +6,7 @@ import signal
 import time
 
 from capsdist.train import checkpoint
-from train_helpers import kill_group, losses, rank_pid, start, train_command, train_state, wait_for_step
+from train_helpers import act_at_step, kill_group, losses, rank_pid, start, train_command, train_state, wait_for_step
 
 
 def test_a_hung_rank_stops_the_run_after_the_timeout(tiny_config, tmp_path):
@@ -43,13 +43,7 @@ def test_sigterm_to_the_launcher_alone_checkpoints_and_exits_0(tiny_config, tmp_
     proc = start(
         train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "0", procs=2), tmp_path / "term.log"
     )
-    try:
-        wait_for_step(proc, run_dir, 4)
-        proc.send_signal(signal.SIGTERM)  # the launcher only (kill PID), not its process group
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
+    code = act_at_step(proc, run_dir, 4, lambda: proc.send_signal(signal.SIGTERM))  # the launcher only (kill PID)
     log = (tmp_path / "term.log").read_text()
     assert code == 0, log[-3000:]
     assert "stopped by SIGTERM" in log and "Traceback" not in log

@@ -139,6 +139,18 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
     raise AssertionError(f"run did not reach step {step} in {timeout}s")
 
 
+def act_at_step(proc: subprocess.Popen, run_dir: Path, step: int, act, timeout: float = 120) -> int:
+    """Once the run has logged `step`, call `act()` (a signal to some process of it), then wait for the run to
+    exit: its status. A run still alive after `timeout` is killed with its group (and the wait fails)."""
+    try:
+        wait_for_step(proc, run_dir, step)
+        act()
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+
+
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     os.killpg(proc.pid, sig)
     proc.wait(timeout=60)
