@@ -40,16 +40,18 @@ class OpenRun:
 
     def load(self, which: str) -> tuple[Path, int]:
         """Load checkpoint `which` (best, latest or a path) into the model: (its verified path, its global step).
-        Weights come from safetensors, which hold tensors only and never run code."""
+        Weights come from safetensors, which hold tensors only and never run code; what is loaded is what was
+        verified, even with a training run pruning checkpoints beside it."""
         path = checkpoint.resolve(self.run_dir, which)
+        weights, state = checkpoint.read_checkpoint(path)
         try:
-            self.model.load_state_dict(checkpoint.read_weights(path))
+            self.model.load_state_dict(weights)
         except RuntimeError as err:
             raise CheckpointError(
                 f"{path}: its weights do not fit the model of {self.run_dir / 'config.yaml'} "
                 f"({str(err).splitlines()[0]}); was the config changed with --set?"
             ) from None
-        return path, checkpoint.read_state(path).step
+        return path, state.step
 
     def loader(self, split: str, *, limit: int | None = None, pixels_only: bool = False):
         """This process's share of `split` in batches of eval.batch_size (or train.batch_size) over all processes;

@@ -4,10 +4,12 @@ options and manifest (prepared on first use), and the model for that data."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
@@ -23,12 +25,34 @@ def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     (accelerate launch --multi_gpu / use_cpu config, torchrun) otherwise gives N separate 1-process runs.
     Every collective (all-reduce, barrier, gather) gives up after train.collective_timeout_s."""
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
+    _restarted_process_group(timeout.timeout)
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=cfg.train.mixed_precision,
         log_with=log_with,
         dynamo_backend="inductor" if cfg.train.compile else "no",
         kwargs_handlers=[timeout],
+    )
+
+
+def _restarted_process_group(timeout: timedelta) -> None:
+    """After an elastic restart (torchrun --max-restarts, TORCHELASTIC_RESTART_COUNT > 0), start the process group on
+    keys of its own: Accelerate then takes it as it is.
+
+    The agent keeps one store for every attempt of the group and torch's env:// rendezvous puts no attempt in the
+    keys, so a restarted group reads what the dead one wrote there (gloo connects to a dead rank's address:
+    "Connection refused"). A store prefixed with the attempt gives each attempt fresh keys; the first attempt
+    starts as Accelerate starts it."""
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if not attempt or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    dist.init_process_group(
+        "nccl" if torch.cuda.is_available() else "gloo",
+        store=dist.PrefixStore(f"capsdist/attempt-{attempt}", store),
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
     )
 
 

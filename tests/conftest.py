@@ -2,7 +2,6 @@
 Where there is no CUDA device, Triton's interpreter (set before capsdist imports Triton): the fused routing
 kernels' tests then run on the CPU, on small shapes."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
-from train_helpers import TEST, TINY, TRAIN
+from train_helpers import TEST, TRAIN, write_tiny_config
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -57,12 +55,7 @@ def tiny_shards(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_config(tiny_shards, tmp_path) -> Path:
     """A run config file for the tiny model on the tiny shards; the run dir is tmp_path/run."""
-    cfg = json.loads(json.dumps(TINY))
-    cfg["data"]["shards"] = str(tiny_shards)
-    cfg["run_dir"] = str(tmp_path / "run")
-    path = tmp_path / "tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return write_tiny_config(tmp_path / "tiny.yaml", tiny_shards, tmp_path / "run")
 
 
 @pytest.fixture

@@ -17,20 +17,15 @@ import torch
 from capsdist.errors import CheckpointError
 from capsdist.train import checkpoint, trainer
 from capsdist.config import load_config
-from train_helpers import REPO, metrics, run, train_command, train_state
+from train_helpers import REPO, metrics, run, train_command, train_state, weights, write_tiny_config
 
 
 @pytest.fixture(scope="module")
 def trained(tiny_shards, tmp_path_factory) -> Path:
     """A tiny run of 6 steps with checkpoints step-3, step-6 and best (do not modify: copy it)."""
-    from train_helpers import TINY
-    import yaml
-
     root = tmp_path_factory.mktemp("trained")
-    cfg = json.loads(json.dumps(TINY))
-    cfg["data"]["shards"], cfg["run_dir"] = str(tiny_shards), str(root / "run")
-    (root / "tiny.yaml").write_text(yaml.safe_dump(cfg))
-    done = run(train_command(root / "tiny.yaml", "--max-steps", "6", "--checkpoint-every", "3"))
+    config = write_tiny_config(root / "tiny.yaml", tiny_shards, root / "run")
+    done = run(train_command(config, "--max-steps", "6", "--checkpoint-every", "3"))
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "run"
 
@@ -92,6 +87,28 @@ def test_a_checkpoint_never_runs_code(run_dir, tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         assert "not a usable checkpoint" in result.stderr and "never loaded" in result.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_evaluation_reads_the_checkpoint_it_verified(run_dir, monkeypatch, change):
+    """A training run's retention (or a new `best`) can take the checkpoint away between its verification and its
+    reading: the evaluation then stops with a message saying so, never a FileNotFoundError or another one's weights."""
+    from capsdist.evaluate import evaluate_run
+
+    real = checkpoint.resolve
+
+    def resolve_then_change(run_dir, which):
+        path = real(run_dir, which)
+        if change == "deleted":
+            shutil.rmtree(path)
+        else:  # the weights of another checkpoint under this one's name
+            shutil.copy(path.parent / "step-0000003" / checkpoint.WEIGHTS_FILE, path / checkpoint.WEIGHTS_FILE)
+        return path
+
+    monkeypatch.setattr(checkpoint, "resolve", resolve_then_change)
+    newest = run_dir / "checkpoints" / "step-0000006"
+    with pytest.raises(CheckpointError, match=re.escape(f"{newest}: {change} while it was read")):
+        evaluate_run(run_dir, "latest", "val")
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -188,7 +205,7 @@ def test_a_format_2_checkpoint_resumes_exactly_like_the_current_format(run_dir, 
         for folder in (run_dir, old)
     ]
     assert steps[0] == steps[1] and {7, 8} <= set(steps[0])
-    new_weights, old_weights = (checkpoint.read_weights(f / "checkpoints" / "step-0000008") for f in (run_dir, old))
+    new_weights, old_weights = (weights(f / "checkpoints" / "step-0000008") for f in (run_dir, old))
     assert all(torch.equal(new_weights[k], old_weights[k]) for k in new_weights)
     assert json.loads((old / "checkpoints" / "step-0000008" / checkpoint.META).read_text())["format"] == 3
 
@@ -218,6 +235,19 @@ def test_rollback_moves_the_newer_checkpoints_aside(tiny_config, tmp_path):
     again = run(train_command(tiny_config, "--resume", "auto", "--max-steps", "10"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert [m["step"] for m in metrics(run_dir) if "event/start" in m] == [0, 6, 8]
+
+
+def test_best_keeps_its_metric_when_the_last_evaluation_falls_on_a_saved_step(tiny_config, tmp_path):
+    """--max-steps a multiple of checkpoint.every_steps (a chunked job): step-10 is saved in the loop, then the
+    final evaluation at step 10 makes it `best`; both keep that metric, so a later, worse evaluation after a resume
+    does not replace it."""
+    cfg = load_config(tiny_config, ["train.max_steps=10", "checkpoint.every_steps=5"])
+    trainer.Trainer(cfg, source=str(tiny_config)).fit()
+    run_dir = tmp_path / "run"
+    (val,) = [m["val/accuracy"] for m in metrics(run_dir) if "val/accuracy" in m]  # the final evaluation only
+    for name in ("step-0000010", "best"):
+        state = train_state(run_dir / "checkpoints" / name)
+        assert (state["best_metric"], state["best_step"]) == (val, 10), name
 
 
 class _Killed(BaseException):

@@ -15,7 +15,7 @@ from capsdist.data.manifest import load_manifest
 from capsdist.data.plan import select
 from capsdist.errors import TrainingError
 from capsdist.train import checkpoint, trainer
-from train_helpers import BATCH, STEPS_PER_EPOCH, losses, metrics, run, train_command, train_state
+from train_helpers import STEPS_PER_EPOCH, faulty_loss, losses, metrics, run, train_command, train_state
 
 
 @pytest.mark.parametrize(
@@ -50,24 +50,8 @@ def test_missing_shards_name_the_prepare_command(tiny_config, tmp_path):
     assert f"python launch/prepare_data.py fashion-mnist --out {tmp_path / 'absent'}" in result.stderr
 
 
-def _nan_at(steps: set[int]):
-    """A make_loss replacement whose loss is NaN at the given (0-based) global steps."""
-    real = trainer.make_loss
-
-    def make_loss(*args, **kwargs):
-        loss_fn = real(*args, **kwargs)
-
-        def patched(acts, labels, images_seen):
-            loss, margin = loss_fn(acts, labels, images_seen)
-            return (loss * math.nan if images_seen // BATCH in steps else loss), margin
-
-        return patched
-
-    return make_loss
-
-
 def test_nonfinite_steps_are_skipped_and_counted(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "make_loss", _nan_at({3, 4}))
+    monkeypatch.setattr(trainer, "make_loss", faulty_loss({3, 4}))
     cfg = load_config(tiny_config, ["train.max_steps=8"])
     trainer.Trainer(cfg, source=str(tiny_config)).fit()
     logged = losses(tmp_path / "run")
@@ -75,14 +59,30 @@ def test_nonfinite_steps_are_skipped_and_counted(tiny_config, tmp_path, monkeypa
     assert all(math.isfinite(v) for s, v in logged.items() if s not in (4, 5))
     state = train_state(tmp_path / "run" / "checkpoints" / "step-0000008")
     assert state["nonfinite_total"] == 2 and state["step"] == 8
+    # the checkpoint due at step 5 came during the two skipped steps: not written; the next one is
+    assert [p.name for p in checkpoint.step_checkpoints(tmp_path / "run")] == ["step-0000008"]
 
 
 def test_repeated_nonfinite_losses_stop_without_checkpointing_them(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "make_loss", _nan_at(set(range(6, 100))))
+    monkeypatch.setattr(trainer, "make_loss", faulty_loss(set(range(6, 100))))
     cfg = load_config(tiny_config, ["train.max_steps=50", "train.max_nonfinite=3", "checkpoint.every_steps=5"])
-    with pytest.raises(TrainingError, match="3 non-finite losses in a row"):
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
         trainer.Trainer(cfg, source=str(tiny_config)).fit()
     assert [p.name for p in checkpoint.step_checkpoints(tmp_path / "run")] == ["step-0000005"]
+
+
+def test_no_checkpoint_during_a_nonfinite_streak_and_the_stop_names_the_last_healthy_one(
+    tiny_config, tmp_path, monkeypatch
+):
+    """Steps 7-12 are skipped (their weights stay finite): the checkpoints due at steps 8 and 10 are not written,
+    so retention keeps step-4 and step-6, and the stop at step 12 names step-6."""
+    monkeypatch.setattr(trainer, "make_loss", faulty_loss(set(range(6, 100))))
+    cfg = load_config(tiny_config, ["train.max_steps=50", "train.max_nonfinite=6", "checkpoint.every_steps=2"])
+    healthy = tmp_path / "run" / "checkpoints" / "step-0000006"
+    with pytest.raises(TrainingError, match="6 non-finite steps in a row") as stop:
+        trainer.Trainer(cfg, source=str(tiny_config)).fit()
+    assert f"the last healthy checkpoint is {healthy} (step 6)" in str(stop.value)
+    assert [p.name for p in checkpoint.step_checkpoints(tmp_path / "run")] == ["step-0000004", "step-0000006"]
 
 
 def test_nan_weights_are_never_checkpointed():

@@ -4,42 +4,13 @@ checkpoints and exits 0."""
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from capsdist.train import checkpoint
-from train_helpers import kill_group, losses, start, train_command, train_state, wait_for_step
+from train_helpers import act_at_step, kill_group, losses, rank_pid, start, train_command, train_state, wait_for_step
 
 pytestmark = pytest.mark.e2e  # every test here starts Python processes
-
-
-def _rank_pid(launcher: int, rank: int) -> int:
-    """The pid of training process `rank` started (directly or not) by `launcher`."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            parents = _ancestors(int(entry.name))
-        except OSError:
-            continue
-        if (
-            launcher in parents
-            and f"RANK={rank}".encode() in environ
-            and b"LOCAL_RANK=" + str(rank).encode() in environ
-        ):
-            return int(entry.name)
-    raise AssertionError(f"no rank {rank} under {launcher}")
-
-
-def _ancestors(pid: int) -> list[int]:
-    chain = []
-    while pid > 1:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        pid = int(stat.rsplit(")", 1)[1].split()[1])
-        chain.append(pid)
-    return chain
 
 
 def test_a_hung_rank_stops_the_run_after_the_timeout(tiny_config, tmp_path):
@@ -57,7 +28,7 @@ def test_a_hung_rank_stops_the_run_after_the_timeout(tiny_config, tmp_path):
     proc = start(cmd, tmp_path / "hung.log")
     try:
         wait_for_step(proc, run_dir, 4)
-        os.kill(_rank_pid(proc.pid, 1), signal.SIGSTOP)  # alive but silent, as on a dead NFS mount
+        os.kill(rank_pid(proc.pid, 1), signal.SIGSTOP)  # alive but silent, as on a dead NFS mount
         stopped = time.monotonic()
         code = proc.wait(timeout=150)
         waited = time.monotonic() - stopped
@@ -76,13 +47,7 @@ def test_sigterm_to_the_launcher_alone_checkpoints_and_exits_0(tiny_config, tmp_
     proc = start(
         train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "0", procs=2), tmp_path / "term.log"
     )
-    try:
-        wait_for_step(proc, run_dir, 4)
-        proc.send_signal(signal.SIGTERM)  # the launcher only (kill PID), not its process group
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            kill_group(proc)
+    code = act_at_step(proc, run_dir, 4, lambda: proc.send_signal(signal.SIGTERM))  # the launcher only (kill PID)
     log = (tmp_path / "term.log").read_text()
     assert code == 0, log[-3000:]
     assert "stopped by SIGTERM" in log and "Traceback" not in log

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import signal
 import socket
@@ -34,15 +35,47 @@ TINY = {
 }
 
 
+def write_tiny_config(path: Path, shards: Path, run_dir: Path) -> Path:
+    """TINY on `shards` with run directory `run_dir`, as the YAML file `path`."""
+    import yaml
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["data"]["shards"], cfg["run_dir"] = str(shards), str(run_dir)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def faulty_loss(steps: set[int], fault=lambda loss: loss * math.nan):
+    """A replacement for capsdist.train.trainer.make_loss whose loss goes through `fault` at the given (0-based)
+    global steps (default: a NaN loss)."""
+    from capsdist.train import trainer
+
+    real = trainer.make_loss
+
+    def make_loss(*args, **kwargs):
+        loss_fn = real(*args, **kwargs)
+
+        def patched(acts, labels, images_seen):
+            loss, margin = loss_fn(acts, labels, images_seen)
+            return (fault(loss) if images_seen // BATCH in steps else loss), margin
+
+        return patched
+
+    return make_loss
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
-    """The command line of launch/train.py on 1 process (python) or `procs` CPU processes (capsdist.launch)."""
-    script = [str(REPO / "launch" / "train.py"), "--config", str(config), *args]
+def train_command(
+    config: Path, *args: str, procs: int = 1, launch: tuple[str, ...] = (), script: Path = REPO / "launch" / "train.py"
+) -> list[str]:
+    """The command line of `script` (launch/train.py) on 1 process (python) or `procs` CPU processes
+    (capsdist.launch, with the extra launcher arguments `launch`)."""
+    script = [str(script), "--config", str(config), *args]
     if procs == 1:
         return [sys.executable, *script]
     return [
@@ -55,13 +88,16 @@ def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
         str(procs),
         "--main_process_port",
         str(free_port()),
+        *launch,
         *script,
     ]
 
 
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run to completion in the repository root, output captured as text."""
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env())
+def run(cmd: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run to completion in the repository root, output captured as text; `env` adds to `run_env()`."""
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**run_env(), **(env or {})}
+    )
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
@@ -103,15 +139,55 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
     raise AssertionError(f"run did not reach step {step} in {timeout}s")
 
 
+def act_at_step(proc: subprocess.Popen, run_dir: Path, step: int, act, timeout: float = 120) -> int:
+    """Once the run has logged `step`, call `act()` (a signal to some process of it), then wait for the run to
+    exit: its status. A run still alive after `timeout` is killed with its group (and the wait fails)."""
+    try:
+        wait_for_step(proc, run_dir, step)
+        act()
+        return proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+
+
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     os.killpg(proc.pid, sig)
     proc.wait(timeout=60)
 
 
-def weights(checkpoint: Path) -> dict:
-    from capsdist.train.checkpoint import read_weights
+def rank_pid(launcher: int, rank: int) -> int:
+    """The pid of training process `rank` started (directly or not) by `launcher`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            parents = _ancestors(int(entry.name))
+        except OSError:
+            continue
+        if (
+            launcher in parents
+            and f"RANK={rank}".encode() in environ
+            and b"LOCAL_RANK=" + str(rank).encode() in environ
+        ):
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} under {launcher}")
 
-    return read_weights(Path(checkpoint))
+
+def _ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+        chain.append(pid)
+    return chain
+
+
+def weights(checkpoint: Path) -> dict:
+    from capsdist.train.checkpoint import read_checkpoint
+
+    return read_checkpoint(Path(checkpoint))[0]
 
 
 def train_state(checkpoint: Path) -> dict:

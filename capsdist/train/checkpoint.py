@@ -10,7 +10,7 @@ A checkpoint is a directory run_dir/checkpoints/step-0000500/:
     checkpoint.json         written last: format, world size, and the size and sha256 of every file above
 
 This module is the only one that knows these names: the rest of capsdist saves and loads through `save`,
-`load`, `read_state` and `read_weights`. The learning rate is a function of the step (train/optim.py), so no
+`load`, `read_state` and `read_checkpoint`. The learning rate is a function of the step (train/optim.py), so no
 scheduler state is saved. Format 2 also held a LambdaLR's state dict: such checkpoints still load (the
 learning rate follows from their step), format 3 drops it.
 
@@ -19,9 +19,10 @@ CheckpointError), and every file is checked against checkpoint.json before anyth
 All ranks write into `.tmp-step-0000500`, meet at a barrier, then rank 0 hashes and fsyncs every file,
 writes checkpoint.json atomically, renames the directory into place and fsyncs the parent, so a
 directory named `step-*` is complete. `--resume auto` takes the newest checkpoint that verifies and
-names, in a warning, what was wrong with any newer one. Resuming from an older checkpoint moves the
-newer ones (and a newer `best`) to `checkpoints/abandoned-<time>/`: the run continues from the past,
-and retention never deletes the new checkpoints in favour of the abandoned ones. `best/` is a copy of
+names, in a warning, what was wrong with any newer one; rank 0 makes that choice for all ranks, and every
+rank checks that it can read the chosen one before anything is moved or pruned (`agree`). Resuming from an
+older checkpoint moves the newer ones (and a newer `best`) to `checkpoints/abandoned-<time>/`: the run
+continues from the past, and retention never deletes the new checkpoints in favour of the abandoned ones. `best/` is a copy of
 the step checkpoint with the best selection metric. Deletions and replacements go through a rename
 first (`.trash-*`, `.old-*`), so a kill at any moment leaves no half-deleted `step-*` and always a `best`
 once one was written. The run directory must be on a filesystem every rank sees (multi-node: a shared one).
@@ -30,6 +31,7 @@ once one was written. The run directory must be on a filesystem every rank sees 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -39,14 +41,15 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from accelerate.utils import load as safe_load
-from safetensors.torch import load_file as safetensors_load_file
+from safetensors.torch import load as safetensors_load
 
-from capsdist.errors import CheckpointError, TrainingError
+from capsdist.errors import CapsdistError, CheckpointError, TrainingError
 from capsdist.files import copy_durable, fsync_dir, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
@@ -175,23 +178,86 @@ def resolve(run_dir: str | Path, which: str) -> Path:
     return path
 
 
+def agree(accelerator: Accelerator, choose: Callable[[], Path | None]) -> Path | None:
+    """The checkpoint to resume on every rank: rank 0's `choose()` (None: none), broadcast, then read by every rank.
+
+    Each rank verifies the chosen checkpoint in its own view of the run directory (a stale NFS cache can show a
+    rank an older listing, or no such directory) and all compare the checkpoint.json they read. A CapsdistError of
+    rank 0's choice, or a rank that cannot use the choice, is raised on every rank before anything is changed."""
+    decision: list = [None, None]  # (path, error)
+    if accelerator.is_main_process:
+        try:
+            decision[0] = choose()
+        except CapsdistError as err:
+            decision[1] = err
+    path, error = broadcast_object_list(decision)
+    if error is not None:
+        raise error
+    if path is None:
+        return None
+    problem = verify(path)
+    views = gather_object([(problem, None if problem else sha256_file(path / META))])
+    for rank, (problem, _) in enumerate(views):
+        if problem is not None:
+            raise CheckpointError(
+                f"{path}: rank 0 chose it to resume from, but rank {rank} cannot use it ({problem}); every process "
+                "must see the same run directory (a shared filesystem: after a requeue NFS can show a stale listing "
+                "for its attribute cache time, actimeo); nothing was changed: resume again with --resume auto"
+            )
+    if len({digest for _, digest in views}) > 1:
+        raise CheckpointError(
+            f"{path}: the processes read different versions of its {META}; every process must see the same run "
+            "directory (a shared filesystem); nothing was changed: resume again with --resume auto"
+        )
+    return path
+
+
 def read_state(path: Path) -> TrainState:
     """The TrainState of a verified checkpoint (trainer_state.json: {"train": TrainState dict}; format 2 also
     has a "scheduler" entry, ignored)."""
     try:
-        saved = json.loads((path / STATE_FILE).read_text())
+        return _parse_state((path / STATE_FILE).read_bytes(), path / STATE_FILE)
+    except OSError as err:
+        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({err})") from None
+
+
+def _parse_state(data: bytes, source: Path) -> TrainState:
+    """The TrainState in the bytes of trainer_state.json read from `source`."""
+    try:
+        saved = json.loads(data)
         if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
             raise ValueError("expected the key train")
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path / STATE_FILE}: unreadable ({err})") from None
+    except ValueError as err:
+        raise CheckpointError(f"{source}: unreadable ({err})") from None
     state = TrainState()
     state.load_state_dict(saved["train"])
     return state
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model's state dict from a verified checkpoint (safetensors: plain tensors, no code)."""
-    return safetensors_load_file(path / WEIGHTS_FILE)
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], TrainState]:
+    """The model's state dict (safetensors: plain tensors, no code) and the TrainState of a verified checkpoint.
+
+    checkpoint.json, the weights and the state are each read once, and what was read is checked against it, so a
+    checkpoint deleted or replaced since its verification (a training run's retention, a new `best`) is a
+    CheckpointError, never a raw FileNotFoundError or a mix of two checkpoints."""
+    names = (WEIGHTS_FILE, STATE_FILE)
+    try:
+        files = json.loads((path / META).read_bytes())["files"]
+        data = {name: (path / name).read_bytes() for name in names}
+    except FileNotFoundError as err:
+        raise CheckpointError(
+            f"{path}: deleted while it was read ({Path(err.filename).name} is gone: a training run's retention, "
+            "checkpoint.keep_last, or a new best); evaluate again, or copy the checkpoint elsewhere first"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / META}: unreadable ({err!r})") from None
+    for name in names:
+        if hashlib.sha256(data[name]).hexdigest() != files.get(name, {}).get("sha256"):
+            raise CheckpointError(
+                f"{path}: replaced while it was read ({name} no longer matches {META}: a training run's new best "
+                "or a checkpoint written again); evaluate again"
+            )
+    return safetensors_load(data[WEIGHTS_FILE]), _parse_state(data[STATE_FILE], path / STATE_FILE)
 
 
 def assert_finite(model: torch.nn.Module) -> None:

@@ -39,9 +39,9 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def build_optimizer(optim_cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """Adam or AdamW (optim.name) at optim.lr with optim.weight_decay.
 
-    The fused implementation (one kernel for all parameters, CPU and CUDA): it takes the trainer's device-side
-    skip flag (found_inf) and leaves a skipped step's weights, moments and step count untouched without a host
-    synchronisation."""
+    The fused implementation (one kernel for all parameters, CPU and CUDA): it takes the GradScaler's device-side
+    skip (capsdist/train/update.py) and leaves a skipped step's weights, moments and step count untouched without
+    a host synchronisation."""
     o = optim_cfg
     kind = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return kind(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, fused=True)

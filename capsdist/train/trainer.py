@@ -1,15 +1,16 @@
 """The training loop: Accelerate DDP, mixed precision, global-step schedules, exact resume.
 
-One `Trainer(cfg).fit()` call runs on every process. Per global step each rank takes its
-per_rank_batch = batch_size / world_size samples, and one all-reduce combines the ranks'
-loss, correct count, non-finite flag, skipped corrupt samples and stop request (SIGTERM/SIGINT), so all ranks skip,
-stop and log the same way. The step never waits for the device: the skip of a non-finite step is decided on the
-device (the all-reduced flag becomes the fused optimizer's found_inf), and the reduced values stay there until a
-host step (log, evaluation, checkpoint, epoch end), which reads all the steps since the last one at once, logs
-each, counts non-finite steps and skipped samples, and acts on stop requests (so in a multi-process run a stop
-request takes effect at the next host step). The data position (epoch, batches consumed) lives in `TrainState`;
-a resumed run recreates that epoch's loader and skips the consumed batches, which continues
-exactly on the same world size and at the same global sample count on another.
+One `Trainer(cfg).fit()` call runs on every process; rank 0 holds the run directory's lock from the start to the
+end of it (capsdist/train/lock.py). Per global step each rank takes its per_rank_batch = batch_size / world_size
+samples, and one all-reduce combines the ranks' loss, correct count, non-finite flag, skipped corrupt samples and
+stop request (SIGTERM/SIGINT), so all ranks skip, stop and log the same way. The step never waits for the device:
+the skip of a step whose loss (any rank) or gradients are non-finite is decided on the device
+(capsdist/train/update.py), and the reduced values and the skip stay there until a host step (log, evaluation,
+checkpoint, epoch end), which reads all the steps since the last one at once, logs each, counts non-finite steps
+and skipped samples, and acts on stop requests (so in a multi-process run a stop request takes effect at the next
+host step). The data position (epoch, batches consumed) lives in `TrainState`; a resumed run recreates that
+epoch's loader and skips the consumed batches, which continues exactly on the same world size and at the same
+global sample count on another.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import NamedTuple
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from capsdist import threads
@@ -39,8 +40,10 @@ from capsdist.train import checkpoint
 from capsdist.train.checkpoint import TrainState
 from capsdist.train.evaluation import evaluate
 from capsdist.train.health import ClassHealthMonitor, grad_norm_tensors
+from capsdist.train.lock import RunLock
 from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
 from capsdist.train.tracking import Tracker, wandb_settings
+from capsdist.train.update import GuardedUpdate
 
 log = logging.getLogger("capsdist")
 
@@ -52,23 +55,34 @@ class Trainer:
         self.cfg, self.source = cfg, source
         self.run_dir = Path(cfg.run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        wandb_kwargs = wandb_settings(cfg, self.run_dir, is_main=_is_main_env())
+        self.lock = RunLock(self.run_dir)  # held by rank 0 until fit() ends (capsdist/train/lock.py)
+        try:
+            self._build(resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _build(self, resume: str) -> None:
+        cfg = self.cfg
+        holder = self.lock.acquire() if _is_main_env() else None  # before anything is written into the run dir
+        wandb_kwargs = None if holder else wandb_settings(cfg, self.run_dir, is_main=_is_main_env())
         self.accelerator = acc = make_accelerator(cfg, log_with="wandb" if wandb_kwargs else None)
+        self._stop_if_locked(holder)
         log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
         self.world = acc.num_processes
         if cfg.train.batch_size % self.world:
             raise ConfigError(
-                f"{source}: train.batch_size: {cfg.train.batch_size} is not divisible by the "
+                f"{self.source}: train.batch_size: {cfg.train.batch_size} is not divisible by the "
                 f"{self.world} processes; use a multiple of {self.world}"
             )
         eval_batch = cfg.eval.batch_size or cfg.train.batch_size
         if eval_batch % self.world:
             raise ConfigError(
-                f"{source}: eval.batch_size: {eval_batch} is not divisible by the "
+                f"{self.source}: eval.batch_size: {eval_batch} is not divisible by the "
                 f"{self.world} processes; use a multiple of {self.world}"
             )
         self.per_rank_batch, self.eval_per_rank = cfg.train.batch_size // self.world, eval_batch // self.world
-        self.resume_from = self._resume_path(resume)
+        self.resume_from = checkpoint.agree(acc, lambda: self._resume_path(resume))  # before anything is pruned
         if cfg.checkpoint.best_metric == "test_accuracy":
             log.warning(
                 "checkpoint.best_metric is test_accuracy: `best` is selected on the TEST split, so its "
@@ -92,6 +106,7 @@ class Trainer:
         set_seed(cfg.train.seed)
         model = model_for_data(cfg, self.manifest, self.opts)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg.optim, model))
+        self.update = GuardedUpdate(self.optimizer.optimizer, acc.scaler, acc.device.type)  # the skip of bad steps
         self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
         self.loss_fn = make_loss(
             cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_images=cfg.loss.max_margin_images
@@ -110,9 +125,20 @@ class Trainer:
         self._pending: list[_StepRecord] = []  # steps whose reduced values are still on the device
         self._grad_norms: dict[str, torch.Tensor] = {}  # of the last log step's backward, on the device
         self.class_health = ClassHealthMonitor(cfg.logging.health_warn_steps)
-        self._saved_step = self.state.step if self.resume_from is not None else -1
+        self._checkpoint = self.resume_from  # the last checkpoint written or resumed from ...
+        self._checkpoint_state = self.state.state_dict() if self.resume_from is not None else None  # ... its state
+
+    def _stop_if_locked(self, holder: str | None) -> None:
+        """Every rank stops at once (ConfigError) when rank 0 found the run directory held by another trainer."""
+        (holder,) = broadcast_object_list([holder])
+        if holder:
+            raise ConfigError(
+                f"{self.run_dir} is in use by another trainer ({holder}); wait for it to end or stop it, "
+                "or give this run another --run-dir"
+            )
 
     def _resume_path(self, resume: str) -> Path | None:
+        """The checkpoint `--resume` names (auto: the newest that verifies, or None), as rank 0 sees the run dir."""
         if resume == "none":
             if checkpoint.step_dirs(self.run_dir):
                 raise ConfigError(
@@ -168,7 +194,14 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
 
     def fit(self) -> dict:
-        """Train to the configured end (or a stop signal); returns the last evaluation's metrics."""
+        """Train to the configured end (or a stop signal); returns the last evaluation's metrics. The run
+        directory's lock is released when it returns, however it ends."""
+        try:
+            return self._fit()
+        finally:
+            self.lock.release()
+
+    def _fit(self) -> dict:
         acc, state = self.accelerator, self.state
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         self.tracker.log(
@@ -261,9 +294,9 @@ class Trainer:
     def _train_step(self, batch) -> None:
         """One global step on this rank's batch, queued without reading any device value on the host.
 
-        A step whose loss is non-finite on any rank is skipped by every rank: the all-reduced flag goes to the
-        fused optimizer as found_inf, which then leaves weights, moments and step count alone (on the device; the
-        gradients may be non-finite and are dropped). `_flush` reads the reduced values on the next host step."""
+        A step whose loss is non-finite on any rank, or whose gradients are, is skipped by every rank: GuardedUpdate
+        leaves weights, moments and step count alone (decided on the device). `_flush` reads the reduced values and
+        the skip on the next host step."""
         acc, state, model, batch_size = self.accelerator, self.state, self.model, self.cfg.train.batch_size
         images = batch.images.to(acc.device, non_blocking=True)  # (B, C, H, W)
         labels = batch.labels.to(acc.device, non_blocking=True)  # (B,)
@@ -286,19 +319,19 @@ class Trainer:
         )
         reduced = acc.reduce(local, "sum")  # the step's one collective: nonfinite, stop, correct, loss sum, skipped
         lr = learning_rate(seen, self.cfg.optim, self.schedule_images)
-        acc.backward(loss)
+        self.update.backward(loss, poisoned=reduced[0] > 0)  # the gradients, unscaled under fp16
         if (state.step + 1) % self.cfg.logging.every_steps == 0:  # a log step: gradient norms before clipping
             self._grad_norms = grad_norm_tensors(acc.unwrap_model(model))
-        if self.cfg.optim.grad_clip > 0:
-            acc.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
+        if self.cfg.optim.grad_clip > 0:  # torch's: Accelerate's would unscale the gradients a second time
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
         set_learning_rate(self.optimizer, lr)
-        self.optimizer.optimizer.found_inf = (reduced[0] > 0).float()  # fused Adam skips the update where 1
-        self.optimizer.step()
+        skipped_step = self.update.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.batch_in_epoch += 1
         state.samples_seen += batch_size
-        self._pending.append(_StepRecord(state.step, state.epoch, lr, margin, reduced))
+        values = torch.cat([reduced, skipped_step.double()[None]])  # (6,): the reduced five, then the skip
+        self._pending.append(_StepRecord(state.step, state.epoch, lr, margin, values))
         if self.world == 1 and self._signal:  # a local flag: no device read needed to agree
             self._stop = True
 
@@ -310,23 +343,23 @@ class Trainer:
             return None
         records, self._pending = self._pending, []
         batch_size, state, last = self.cfg.train.batch_size, self.state, None
-        values_per_step = torch.stack([r.reduced for r in records]).tolist()
-        for record, (nonfinite, stop, correct, loss_sum, skipped) in zip(records, values_per_step):
-            if nonfinite:
+        values_per_step = torch.stack([r.values for r in records]).tolist()
+        for record, (nonfinite, stop, correct, loss_sum, skipped, skipped_step) in zip(records, values_per_step):
+            if skipped_step:
                 state.nonfinite_total += 1
                 self._nonfinite_run += 1
                 log.warning(
-                    "step %d: non-finite loss on %d rank(s), step skipped (%d in a row)",
+                    "step %d: %s, step skipped (%d in a row)",
                     record.step,
-                    int(nonfinite),
+                    f"non-finite loss on {int(nonfinite)} rank(s)" if nonfinite else "non-finite gradients",
                     self._nonfinite_run,
                 )
             else:
                 self._nonfinite_run = 0
             self._stop = self._stop or bool(stop)
-            last = None if nonfinite else loss_sum / batch_size
+            last = None if skipped_step else loss_sum / batch_size
             values = {
-                "train/loss": last,
+                "train/loss": None if nonfinite else loss_sum / batch_size,
                 "train/accuracy": correct / batch_size,
                 "lr": record.lr,
                 "epoch": record.epoch,
@@ -338,8 +371,9 @@ class Trainer:
             self.tracker.log(values, record.step)
             if self._nonfinite_run >= self.cfg.train.max_nonfinite:
                 raise TrainingError(
-                    f"{self._nonfinite_run} non-finite losses in a row at step {record.step}; lower "
-                    f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto"
+                    f"{self._nonfinite_run} non-finite steps in a row at step {record.step}, none of them "
+                    f"checkpointed; {self._last_healthy()}. Lower optim.lr or set optim.grad_clip, then continue "
+                    f"with --resume auto --run-dir {self.run_dir}"
                 )
         return last
 
@@ -420,7 +454,7 @@ class Trainer:
             )
             self.tracker.log_eval_media(split, result, self.classes, state.step)
         score = metrics[cfg.checkpoint.best_metric]
-        improved = score > state.best_metric
+        improved = score > state.best_metric and not self._nonfinite_run  # no checkpoint to copy in a streak
         if improved:
             state.best_metric, state.best_step = score, state.step
         path = self._save()
@@ -428,16 +462,32 @@ class Trainer:
             checkpoint.copy_to_best(self.accelerator, path)
         return metrics
 
-    def _save(self) -> Path:
-        """Write the step checkpoint (once per step); NaN weights are refused."""
+    def _save(self) -> Path | None:
+        """Write the step checkpoint, once per state: again at a step already saved when the state changed since
+        (the evaluation after a periodic checkpoint found a new `best`). None while the last steps were skipped as
+        non-finite: the weights that made them so may be poisoned though finite, and retention would prune the
+        healthy checkpoints for them. NaN weights are refused."""
         self._flush()
-        path = checkpoint.checkpoint_dir(self.run_dir) / f"step-{self.state.step:07d}"
-        if self._saved_step == self.state.step:
-            return path
+        if self._nonfinite_run:
+            log.warning(
+                "step %d: not checkpointing after %d non-finite steps in a row; %s",
+                self.state.step,
+                self._nonfinite_run,
+                self._last_healthy(),
+            )
+            return None
+        if self._checkpoint_state == self.state.state_dict():
+            return self._checkpoint
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
         path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
-        self._saved_step = self.state.step
+        self._checkpoint, self._checkpoint_state = path, self.state.state_dict()
         return path
+
+    def _last_healthy(self) -> str:
+        """Names the checkpoint a run stopped by non-finite steps continues from: the last one written or resumed."""
+        if self._checkpoint is None:
+            return "no checkpoint was written before them"
+        return f"the last healthy checkpoint is {self._checkpoint} (step {self._checkpoint_state['step']})"
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signal.Signals(signum).name
@@ -454,13 +504,14 @@ class Trainer:
 
 
 class _StepRecord(NamedTuple):
-    """A step's host values and its all-reduced (nonfinite, stop, correct, loss sum, skipped), still on the device."""
+    """A step's host values and, still on the device, its all-reduced (nonfinite, stop, correct, loss sum, skipped)
+    and whether its update was skipped."""
 
     step: int
     epoch: int
     lr: float
     margin: float
-    reduced: torch.Tensor
+    values: torch.Tensor  # (6,) float64
 
 
 class _Window:
