@@ -128,7 +128,8 @@ class WandbConfig:
     entity: str = ""  # "" = your default entity
     name: str = ""  # "" = the run directory's name
     tags: list[str] = field(default_factory=list)
-    mode: Literal["online", "offline", "disabled"] = "online"  # online without credentials -> offline
+    mode: Literal["online", "offline", "disabled"] = "online"  # online without credentials -> offline; WANDB_MODE wins
+    init_timeout_s: float = _num(30.0, 0.0, open_lo=True)  # online: wait this long for the server, then log offline
 
 
 @dataclass

@@ -16,6 +16,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def wandb_as_configured(monkeypatch):
+    """In-process runs log to W&B as their config says: a WANDB_MODE in the environment (.ci/run sets offline)
+    would win over it, as it does for users. Subprocess runs drop every WANDB_ variable (train_helpers.run_env)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op thread for in-process model tests: their shapes are tiny, and on a busy 2-core machine two

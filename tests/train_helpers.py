@@ -59,9 +59,11 @@ def train_command(config: Path, *args: str, procs: int = 1) -> list[str]:
     ]
 
 
-def run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run to completion in the repository root, output captured as text."""
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=run_env())
+def run(cmd: list[str], timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run to completion in the repository root, output captured as text; `env` adds to run_env()."""
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**run_env(), **(env or {})}
+    )
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:

@@ -1,8 +1,11 @@
 """Tracking: W&B through Accelerate's tracker, and run_dir/metrics.jsonl always.
 
 `wandb_settings` decides the W&B mode before wandb is first set up (WANDB_MODE must be set
-before that): "online" without credentials becomes "offline" and the `wandb sync` command is
-printed at the end. The run id is stored in run_dir/wandb_id.txt so a resumed run continues
+before that): a WANDB_MODE in the environment wins over logging.wandb.mode, and "online" without
+credentials becomes "offline". `start_wandb` bounds wandb.init's wait for the server
+(logging.wandb.init_timeout_s) and, when an online server cannot be reached, starts the run offline
+instead. An offline run prints its `wandb sync` command at the end. The run id is stored in
+run_dir/wandb_id.txt so a resumed run continues
 the same W&B run; every log call passes the global step restored from the checkpoint, because
 an offline resume starts a new run folder whose own step counter begins at 0.
 
@@ -17,12 +20,17 @@ import netrc
 import os
 import uuid
 from pathlib import Path
+from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
 from accelerate import Accelerator
 
-from capsdist.config import Config
+from capsdist.config import Config, config_dict
+from capsdist.errors import ConfigError
+
+MODES = ("online", "offline", "disabled")
+T = TypeVar("T")
 
 
 def _has_credentials() -> bool:
@@ -41,7 +49,7 @@ def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
 
     Sets WANDB_MODE and WANDB_SILENT in the environment; call before the Accelerator is created.
     """
-    mode = cfg.logging.wandb.mode
+    mode = _mode(cfg, is_main)
     if mode == "online" and not _has_credentials():
         mode = "offline"
         if is_main:
@@ -54,7 +62,7 @@ def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
     if is_main and not id_file.is_file():
         id_file.write_text(uuid.uuid4().hex[:12])
     wb = cfg.logging.wandb
-    return {
+    settings = {
         "id": id_file.read_text().strip() if is_main else None,
         "resume": "allow",
         "name": wb.name or run_dir.name,
@@ -63,6 +71,56 @@ def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
         "dir": str(run_dir),
         "mode": mode,
     }
+    if "WANDB_INIT_TIMEOUT" not in os.environ:  # the environment wins here too
+        settings["settings"] = {"init_timeout": wb.init_timeout_s}
+    return settings
+
+
+def _mode(cfg: Config, is_main: bool) -> str:
+    """logging.wandb.mode, or WANDB_MODE when the environment sets it (ConfigError for a mode capsdist lacks)."""
+    mode, env = cfg.logging.wandb.mode, os.environ.get("WANDB_MODE")
+    if not env:
+        return mode
+    if env not in MODES:
+        raise ConfigError(
+            f"WANDB_MODE={env} in the environment: capsdist takes {', '.join(MODES)}; set one or unset it"
+        )
+    if env != mode and is_main:
+        print(f"capsdist: WANDB_MODE={env} in the environment overrides logging.wandb.mode={mode}")
+    return env
+
+
+def start_wandb(start: Callable[[dict], T], settings: dict) -> T:
+    """`start(settings)`, a call of wandb.init with these kwargs (from `wandb_settings`); when an online W&B server
+    cannot be reached in time (or refuses the run), say so, end wandb's session and `start` again offline
+    (settings["mode"] and WANDB_MODE become offline). Returns what `start` returns."""
+    import wandb
+
+    try:
+        return start(settings)
+    except (wandb.errors.Error, TimeoutError) as err:
+        if settings["mode"] != "online":
+            raise
+        print(f"capsdist: W&B cannot be reached ({str(err).splitlines()[0]}): logging offline")
+        wandb.teardown()  # the failed run keeps its id in use until wandb's session ends
+        os.environ["WANDB_MODE"] = settings["mode"] = "offline"
+        return start(settings)
+
+
+def start_trackers(accelerator: Accelerator, cfg: Config, settings: dict) -> None:
+    """Accelerate's W&B tracker for this run, with `settings` from `wandb_settings` (offline if W&B cannot be
+    reached: `start_wandb`)."""
+
+    def start(kwargs: dict) -> None:
+        accelerator.trackers.clear()  # a tracker whose start failed stays in the list
+        accelerator.init_trackers(cfg.logging.wandb.project, config=config_dict(cfg), init_kwargs={"wandb": kwargs})
+
+    start_wandb(start, settings)
+
+
+def sync_message(folder: Path) -> str:
+    """What an offline W&B run prints at its end: the command that uploads `folder`."""
+    return f"capsdist: W&B run saved offline; upload it with: wandb sync {folder}"
 
 
 class Tracker:
@@ -123,7 +181,7 @@ class Tracker:
             offline_dir = Path(self.accelerator.get_tracker("wandb", unwrap=True).dir).parent
         self.accelerator.end_training()
         if offline_dir is not None:
-            print(f"capsdist: W&B run saved offline; upload it with: wandb sync {offline_dir}")
+            print(sync_message(offline_dir))
 
 
 def _to_image(image: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ from capsdist.train.checkpoint import TrainState
 from capsdist.train.evaluation import evaluate
 from capsdist.train.health import ClassHealthMonitor, grad_norm_tensors
 from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
-from capsdist.train.tracking import Tracker, wandb_settings
+from capsdist.train.tracking import Tracker, start_trackers, wandb_settings
 
 log = logging.getLogger("capsdist")
 
@@ -101,7 +101,7 @@ class Trainer:
         if acc.is_main_process:
             self._save_config()
         if wandb_kwargs:
-            acc.init_trackers(cfg.logging.wandb.project, config=config_dict(cfg), init_kwargs={"wandb": wandb_kwargs})
+            start_trackers(acc, cfg, wandb_kwargs)
         self.tracker = Tracker(acc, self.run_dir, wandb_enabled=wandb_kwargs is not None)
         self._signal: str | None = None  # a signal this process received
         self._stop = False  # all ranks agreed to stop (set from the step's all-reduce)
