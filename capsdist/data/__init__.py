@@ -4,6 +4,7 @@ formats     raw readers: NORB binary matrix (smallNORB .mat), IDX (MNIST-likes)
 sources     dataset registry (DATASETS), official checksums, downloads, raw splits
 shards      shard + manifest writing (prepare: atomic, reproducible, verified on re-run)
 manifest    the manifest: load_manifest, shard locations (paths, URLs, pipe: templates)
+fetch       opening a location's files: URLs with a read timeout and a bounded retry, network errors apart
 plan        validation/viewpoint selection and per-epoch rank/worker plans (pure functions)
 transforms  per-sample transforms (the paper's smallNORB preprocessing, MNIST-likes) and the model's input_shape
 pipeline    the loaders: DataOptions, Batch, train_loader, eval_loader, steps_per_epoch

@@ -28,8 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from webdataset import gopen
-
+from capsdist.data.fetch import read_url
 from capsdist.errors import DataError
 
 FORMAT = 1
@@ -100,23 +99,26 @@ def join(location: str, name: str) -> str:
 
 
 def prepare_command(dataset: str, location: str, subset: dict | None = None) -> str:
-    """`python launch/prepare_data.py ...` for `dataset` into `location`."""
-    cmd = f"python launch/prepare_data.py {dataset} --out {location}"
+    """`python launch/prepare_data.py ...` for `dataset` into `location`; for a URL or pipe: location (never
+    prepared into) into a local DIR, whose files then go where `location` reads them."""
+    remote = is_remote(location)
+    cmd = f"python launch/prepare_data.py {dataset} --out {'DIR' if remote else location}"
     if subset:
         cmd += " --subset " + ",".join(f"{k}={v}" for k, v in subset.items())
-    return cmd
+    return f"{cmd}, then put DIR's files where {location} reads them" if remote else cmd
 
 
-def load_manifest(location: str | Path) -> Manifest:
-    """Read `location`/manifest.json (local directory or URL); DataError with the prepare command."""
+def load_manifest(location: str | Path, read_timeout_s: float = 60.0) -> Manifest:
+    """Read `location`/manifest.json (local directory, URL or pipe:; a URL fails after `read_timeout_s` seconds
+    without data and is read again after a network failure: capsdist.data.fetch); DataError with the prepare
+    command, or saying network for a URL the network fails to deliver."""
     location = str(location)
     guess = location.replace("{}", "").rstrip("/ -").rsplit("/", 1)[-1]
     hint = prepare_command(
         guess if guess in ("smallnorb", "fashion-mnist", "mnist") else "<smallnorb|fashion-mnist|mnist>", location
     )
     try:
-        with gopen(join(location, MANIFEST)) as f:
-            raw = json.loads(f.read())
+        raw = json.loads(read_url(join(location, MANIFEST), read_timeout_s))
     except FileNotFoundError:
         raise DataError(
             f"no {MANIFEST} in {location}: the dataset is not prepared (or its preparation did not finish); run: {hint}"

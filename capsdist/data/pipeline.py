@@ -5,7 +5,7 @@
     # Batch(images float32 (b, C, H, W), labels int64 (b,), index int64 (b,), skipped int)
 
 Each worker of the torch DataLoader follows its `WorkerPlan` (capsdist.data.plan): it streams
-its shards (local paths, http(s):// URLs or pipe: commands, opened by webdataset's gopen),
+its shards (local paths, http(s):// URLs or pipe: commands, opened by capsdist.data.fetch),
 keeps the planned sample indices, shuffles undecoded records in a buffer seeded by
 (seed, epoch, rank, worker) when training, and decodes and transforms only the batches it
 yields. Loaders must never go through `accelerator.prepare` (it would re-shard or broadcast
@@ -17,7 +17,9 @@ sample raises DataError naming the shard and member. With skip_corrupt, training
 with another sample of the same batch and evaluation with a padding row; `Batch.skipped` counts
 them and the loader logs the epoch's total. Every shard is hashed as it streams (the whole file is
 read anyway) and checked against the manifest's sha256 when it ends: a mismatch raises DataError
-(a warning with skip_corrupt), so a changed shard stops the run within one shard.
+(a warning with skip_corrupt), so a changed shard stops the run within one shard. A shard whose read fails in the
+network (a URL: refused, cut short, no data for read_timeout_s) is read again for the samples not yet yielded, a
+bounded number of times, then a DataError says network, not corruption; skip_corrupt never skips it.
 """
 
 from __future__ import annotations
@@ -36,8 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import gopen
-
+from capsdist.data import fetch
 from capsdist.data import plan as plans
 from capsdist.data.manifest import Manifest
 from capsdist.data.transforms import SampleTransform, input_shape
@@ -59,6 +60,7 @@ class DataOptions:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     skip_corrupt: bool = False
+    read_timeout_s: float = 60.0  # http(s) shards and manifest: seconds without data before a read fails
     seed: int = 0
 
 
@@ -132,6 +134,7 @@ def train_loader(
         skip_corrupt=opts.skip_corrupt,
         start_batch=start_batch,
         shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels),
+        read_timeout_s=opts.read_timeout_s,
     )
     total = sum(p.num_batches for p in worker_plans)
     if not 0 <= start_batch <= total:
@@ -203,6 +206,7 @@ def eval_loader(
         skip_corrupt=opts.skip_corrupt,
         start_batch=0,
         shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels, pixels_only=pixels_only),
+        read_timeout_s=opts.read_timeout_s,
     )
     total = sum(p.num_batches for p in worker_plans)
     return EpochLoader(stream, opts.num_workers, total, f"{split} rank {rank}")
@@ -296,10 +300,11 @@ class _Stream(IterableDataset):
         skip_corrupt: bool,
         start_batch: int,
         shape: tuple[int, int, int],
+        read_timeout_s: float,
     ):
         self.manifest, self.split, self.plans, self.transform = manifest, split, worker_plans, transform
         self.batch, self.train, self.shuffle, self.skip_corrupt = batch, train, shuffle, skip_corrupt
-        self.start_batch, self.shape = start_batch, shape
+        self.start_batch, self.shape, self.read_timeout_s = start_batch, shape, read_timeout_s
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -405,12 +410,23 @@ class _Stream(IterableDataset):
             self.skipped += missing
 
     def _read_shard(self, url: str, sha256: str, wanted: set[int]) -> Iterator[_Record]:
+        """Records of `wanted` indices in shard `url` (`_read_shard_once`); a read that fails in the network starts
+        again for the records not yet yielded (fetch.retried)."""
+        done: set[int] = set()
+        for record in fetch.retried(
+            lambda: self._read_shard_once(url, sha256, wanted - done), url, self.read_timeout_s
+        ):
+            done.add(record.index)
+            yield record
+
+    def _read_shard_once(self, url: str, sha256: str, wanted: set[int]) -> Iterator[_Record]:
         """Records of `wanted` indices in shard `url`, grouped from consecutive tar members of one key;
-        the whole shard is read and checked against `sha256` at the end."""
+        the whole shard is read and checked against `sha256` at the end; fetch.NetworkError passes through."""
         member, current = None, None
         try:
             mode = "r|gz" if url.rstrip(" -").endswith(".gz") else "r|"  # "r|*" sniffing costs ~30% more
-            with gopen(url) as raw, tarfile.open(fileobj=(stream := _Hashed(raw)), mode=mode) as tar:
+            raw = fetch.open_url(url, self.read_timeout_s)
+            with raw, tarfile.open(fileobj=(stream := _Hashed(raw)), mode=mode) as tar:
                 for member_info in tar:
                     member = member_info.name
                     key, _, ext = member.partition(".")
