@@ -47,7 +47,7 @@ from accelerate.utils import load as safe_load
 from safetensors.torch import load_file as safetensors_load_file
 
 from capsdist.errors import CheckpointError, TrainingError
-from capsdist.files import copy_durable, fsync_dir, sha256_file, write_atomic
+from capsdist.files import copy_durable, fsync_dir, sha256_file, storage_error, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -213,9 +213,16 @@ def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, keep_
         root.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(root)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict()}))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict()}))
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch.save's C++ writer, on a full disk too
+        error = storage_error(root, err)  # before the partial checkpoint, which filled the disk, is removed
+        shutil.rmtree(tmp, ignore_errors=True)  # the older checkpoints are untouched
+        if error is None:
+            raise
+        raise error from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -28,8 +29,10 @@ from accelerate import Accelerator
 
 from capsdist.config import Config, config_dict
 from capsdist.errors import ConfigError
+from capsdist.files import check_writable_dir, write_atomic, writing
 
 MODES = ("online", "offline", "disabled")
+_RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a W&B run id may hold (capsdist writes 12 hex digits)
 T = TypeVar("T")
 
 
@@ -58,12 +61,12 @@ def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
         return None
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
-    id_file = run_dir / "wandb_id.txt"
-    if is_main and not id_file.is_file():
-        id_file.write_text(uuid.uuid4().hex[:12])
+    run_id = _run_id(run_dir) if is_main else None
+    if is_main:
+        check_writable_dir(run_dir / "wandb")  # wandb's own folder: a message now, not a traceback from wandb.init
     wb = cfg.logging.wandb
     settings = {
-        "id": id_file.read_text().strip() if is_main else None,
+        "id": run_id,
         "resume": "allow",
         "name": wb.name or run_dir.name,
         "entity": wb.entity or None,
@@ -74,6 +77,20 @@ def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
     if "WANDB_INIT_TIMEOUT" not in os.environ:  # the environment wins here too
         settings["settings"] = {"init_timeout": wb.init_timeout_s}
     return settings
+
+
+def _run_id(run_dir: Path) -> str:
+    """The W&B run id kept in run_dir/wandb_id.txt, so that a resumed run continues the same W&B run; a new one,
+    written atomically, when there is none, or when the file is empty or holds no id (said in a message)."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        found = path.read_text(errors="replace").strip()
+        if _RUN_ID.fullmatch(found):
+            return found
+        print(f"capsdist: {path} holds no W&B run id ({found[:40]!r}): this run logs to a new W&B run")
+    run_id = uuid.uuid4().hex[:12]
+    write_atomic(path, run_id.encode())
+    return run_id
 
 
 def _mode(cfg: Config, is_main: bool) -> str:
@@ -130,14 +147,16 @@ class Tracker:
         self.accelerator = accelerator
         self.wandb = wandb_enabled
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a") if accelerator.is_main_process else None
+        self._file = None
+        if accelerator.is_main_process:
+            with writing(self.path):
+                self._file = open(self.path, "a")
 
     def log(self, values: dict[str, float], step: int) -> None:
         """Log scalars at global `step` to metrics.jsonl and W&B (rank 0 only)."""
         if self._file is None:
             return
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        self._write({"step": step, **values})
         if self.wandb:
             self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
 
@@ -145,8 +164,7 @@ class Tracker:
         """Confusion matrix (also to metrics.jsonl) and misclassified images of one evaluation."""
         if self._file is None:
             return
-        self._file.write(json.dumps({"step": step, f"{split}/confusion_matrix": result["confusion"]}) + "\n")
-        self._file.flush()
+        self._write({"step": step, f"{split}/confusion_matrix": result["confusion"]})
         if not self.wandb:
             return
         import wandb
@@ -168,6 +186,12 @@ class Tracker:
                 for img, t, p in result["misclassified"]
             ]
         self.accelerator.log(media, step=step)
+
+    def _write(self, record: dict) -> None:
+        """One line of metrics.jsonl, flushed (StorageError when the disk is full)."""
+        with writing(self.path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
 
     def finish(self) -> None:
         """Close metrics.jsonl, end the Accelerate run (W&B, if on, and the process group: a gloo/NCCL group

@@ -33,6 +33,7 @@ from capsdist import threads
 from capsdist.config import Config, config_dict, save_config
 from capsdist.data import eval_loader, steps_per_epoch, train_loader
 from capsdist.errors import CheckpointError, ConfigError, TrainingError
+from capsdist.files import check_writable_dir
 from capsdist.loss import make_loss
 from capsdist.run import data_options, load_data, make_accelerator, model_for_data
 from capsdist.train import checkpoint
@@ -51,7 +52,8 @@ class Trainer:
     def __init__(self, cfg: Config, *, source: str = "config", resume: str = "auto"):
         self.cfg, self.source = cfg, source
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for folder in (self.run_dir, checkpoint.checkpoint_dir(self.run_dir)):  # now, not at the first save
+            check_writable_dir(folder)
         wandb_kwargs = wandb_settings(cfg, self.run_dir, is_main=_is_main_env())
         self.accelerator = acc = make_accelerator(cfg, log_with="wandb" if wandb_kwargs else None)
         log.setLevel(logging.INFO if acc.is_main_process else logging.WARNING)
