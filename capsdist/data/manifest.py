@@ -21,6 +21,7 @@ or a `pipe:` command; a local shard that is a symbolic link is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -63,6 +64,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     sources: dict
     capsdist_version: str
+    sha256: str  # of manifest.json as read: which shards, whatever their location
 
     def url(self, shard: ShardInfo) -> str:
         """Path, URL or pipe: command of a shard; DataError if a local shard is a symbolic link."""
@@ -118,7 +120,8 @@ def load_manifest(location: str | Path, read_timeout_s: float = 60.0) -> Manifes
         guess if guess in ("smallnorb", "fashion-mnist", "mnist") else "<smallnorb|fashion-mnist|mnist>", location
     )
     try:
-        raw = json.loads(read_url(join(location, MANIFEST), read_timeout_s))
+        data = read_url(join(location, MANIFEST), read_timeout_s)
+        raw = json.loads(data)
     except FileNotFoundError:
         raise DataError(
             f"no {MANIFEST} in {location}: the dataset is not prepared (or its preparation did not finish); run: {hint}"
@@ -131,7 +134,7 @@ def load_manifest(location: str | Path, read_timeout_s: float = 60.0) -> Manifes
             f"{join(location, MANIFEST)}: manifest format {found} is not {FORMAT}; prepare the dataset again: {hint}"
         )
     try:
-        return _parse(location, raw)
+        return _parse(location, raw, hashlib.sha256(data).hexdigest())
     except (KeyError, TypeError, ValueError) as exc:
         what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
         raise DataError(
@@ -139,8 +142,9 @@ def load_manifest(location: str | Path, read_timeout_s: float = 60.0) -> Manifes
         ) from None
 
 
-def _parse(location: str, raw: dict) -> Manifest:
-    """The Manifest of a format-1 dict; KeyError, TypeError or ValueError saying what is wrong."""
+def _parse(location: str, raw: dict, sha256: str) -> Manifest:
+    """The Manifest of a format-1 dict (read from bytes of digest `sha256`); KeyError, TypeError or ValueError
+    saying what is wrong."""
     splits = {name: _split(name, s) for name, s in _typed(raw["splits"], dict, "splits").items()}
     image_shape = tuple(_typed(raw["image_shape"], list, "image_shape"))
     if len(image_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in image_shape):
@@ -156,6 +160,7 @@ def _parse(location: str, raw: dict) -> Manifest:
         splits=splits,
         sources=_typed(raw["sources"], dict, "sources"),
         capsdist_version=_typed(raw["capsdist_version"], str, "capsdist_version"),
+        sha256=sha256,
     )
 
 

@@ -28,6 +28,7 @@ import hashlib
 import io
 import itertools
 import logging
+import shlex
 import signal
 import tarfile
 import zlib
@@ -42,7 +43,7 @@ from capsdist.data import fetch
 from capsdist.data import plan as plans
 from capsdist.data.manifest import Manifest
 from capsdist.data.transforms import SampleTransform, input_shape
-from capsdist.errors import DataError
+from capsdist.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 _TAG_SHUFFLE = 0x5348
@@ -79,6 +80,51 @@ def _select(manifest: Manifest, opts: DataOptions, role: str) -> tuple[str, np.n
         val_fraction=opts.val_fraction,
         viewpoint=opts.viewpoint,
         seed=opts.seed,
+    )
+
+
+def data_identity(manifest: Manifest, opts: DataOptions) -> dict:
+    """What a run trains and validates on, by the keys that choose it: which shards (the manifest's sha256; the
+    dataset and location too) and what parts validation from training (plan.select). A checkpoint records it."""
+    return {
+        "data.dataset": manifest.dataset,
+        "data.shards": opts.shards,
+        "manifest_sha256": manifest.sha256,
+        "data.val_strategy": opts.val_strategy,
+        "data.val_fraction": opts.val_fraction,
+        "data.viewpoint": opts.viewpoint,
+        "train.seed": opts.seed,
+    }
+
+
+def check_same_data(recorded: dict | None, current: dict, where: str) -> None:
+    """Refuse, with a ConfigError that names `where` (a checkpoint), what changed and the --set that undoes it, to
+    resume on `current` data (data_identity) other than the `recorded` one: the validation split would hold trained
+    samples. The same manifest at another location continues, with a warning; so does a checkpoint that recorded
+    nothing (an older capsdist's)."""
+    if recorded is None:
+        log.warning("%s has no record of the data it was trained on (an older capsdist wrote it): not checked", where)
+        return
+    changed = [key for key in current if recorded.get(key) != current[key]]
+    if changed == ["data.shards"]:
+        log.warning(
+            "%s: data.shards %s -> %s, the same manifest (sha256): continuing",
+            where,
+            recorded[changed[0]],
+            current[changed[0]],
+        )
+        return
+    if not changed:
+        return
+    keys = [key for key in changed if key != "manifest_sha256"]
+    what = [f"{key} {recorded.get(key)} -> {current[key]}" for key in keys]
+    if "manifest_sha256" in changed:
+        what.append("the shards' manifest is another one (other shards, or prepared again)")
+    undo = [f"{key}={recorded[key]}" for key in keys if key in recorded]
+    fix = f"set them back ({shlex.join(['--set', *undo])})" if undo else "bring back the shards it was trained on"
+    raise ConfigError(
+        f"{where} was trained on other data than this config's: {'; '.join(what)}. Resuming would mix trained samples into "
+        f"validation (or train on other data): {fix}, or start a new run directory (--run-dir)"
     )
 
 

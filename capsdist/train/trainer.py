@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from capsdist import threads
 from capsdist.config import Config, config_dict, save_config
-from capsdist.data import eval_loader, steps_per_epoch, train_loader
+from capsdist.data import check_same_data, data_identity, eval_loader, steps_per_epoch, train_loader
 from capsdist.errors import CheckpointError, ConfigError, TrainingError
 from capsdist.files import check_writable_dir
 from capsdist.loss import make_loss
@@ -83,6 +83,7 @@ class Trainer:
         self.opts = data_options(cfg)
         threads.apply(threads.budget(self.opts.num_workers), log)
         self.manifest = load_data(cfg, acc, self.opts)
+        self.data = data_identity(self.manifest, self.opts)  # recorded in every checkpoint, checked on resume
         self.classes = list(self.manifest.classes)
         self.steps_per_epoch = steps_per_epoch(self.manifest, self.opts, cfg.train.batch_size)
         # The learning-rate schedule spans train.epochs: train.max_steps stops a run early without bending its
@@ -135,6 +136,7 @@ class Trainer:
         return saved if isinstance(saved, int) and not isinstance(saved, bool) else None
 
     def _restore(self) -> None:
+        check_same_data(checkpoint.read_data(self.resume_from), self.data, str(self.resume_from))
         self.state = checkpoint.load(self.accelerator, self.resume_from)
         if self.state.batch_size != self.cfg.train.batch_size:
             raise CheckpointError(
@@ -435,7 +437,7 @@ class Trainer:
         if self._saved_step == self.state.step:
             return path
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
-        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
+        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last, self.data)
         self._saved_step = self.state.step
         return path
 
