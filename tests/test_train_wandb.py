@@ -3,6 +3,8 @@ WANDB_MODE in the environment wins over the config; an unreachable W&B server me
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -88,18 +90,27 @@ def test_wandb_mode_in_the_environment_wins(tiny_config, tmp_path, monkeypatch, 
 
 
 def test_online_without_a_network_falls_back_to_offline(tiny_config, tmp_path):
-    """A W&B server that cannot be reached (a closed local port) costs init_timeout_s, then the run logs offline."""
-    run_dir = tmp_path / "run"
+    """A W&B server that cannot be reached (a closed local port) costs init_timeout_s, then the run logs offline;
+    the printed sync command is shell-quoted (the run directory holds a space and a quote)."""
+    run_dir = tmp_path / "it's a run"
     result = run(
         train_command(
-            tiny_config, "--max-steps", "2", "--set", "logging.wandb.mode=online", "logging.wandb.init_timeout_s=3"
+            tiny_config,
+            "--run-dir",
+            str(run_dir),
+            "--max-steps",
+            "2",
+            "--set",
+            "logging.wandb.mode=online",
+            "logging.wandb.init_timeout_s=3",
         ),
         timeout=150,
         env={"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "W&B cannot be reached" in result.stdout and "logging offline" in result.stdout
-    assert "wandb sync" in result.stdout
     run_id = (run_dir / "wandb_id.txt").read_text().strip()
     (folder,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    (sync,) = re.findall(r"upload it with: (.*)$", result.stdout, re.MULTILINE)
+    assert shlex.split(sync) == ["wandb", "sync", str(folder)]
     assert sorted({r["_step"] for r in history(folder) if "train/loss" in r}) == [1, 2]

@@ -104,7 +104,7 @@ def prepare_command(dataset: str, location: str, subset: dict | None = None) -> 
     """`python launch/prepare_data.py ...` for `dataset` into `location`; for a URL or pipe: location (never
     prepared into) into a local DIR, whose files then go where `location` reads them."""
     remote = is_remote(location)
-    cmd = f"python launch/prepare_data.py {dataset} --out {'DIR' if remote else location}"
+    cmd = shlex.join(["python", "launch/prepare_data.py", dataset, "--out", "DIR" if remote else location])
     if subset:
         cmd += " --subset " + ",".join(f"{k}={v}" for k, v in subset.items())
     return f"{cmd}, then put DIR's files where {location} reads them" if remote else cmd

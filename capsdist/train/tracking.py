@@ -19,6 +19,7 @@ import json
 import netrc
 import os
 import re
+import shlex
 import uuid
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -137,7 +138,7 @@ def start_trackers(accelerator: Accelerator, cfg: Config, settings: dict) -> Non
 
 def sync_message(folder: Path) -> str:
     """What an offline W&B run prints at its end: the command that uploads `folder`."""
-    return f"capsdist: W&B run saved offline; upload it with: wandb sync {folder}"
+    return f"capsdist: W&B run saved offline; upload it with: {shlex.join(['wandb', 'sync', str(folder)])}"
 
 
 class Tracker:

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import resource
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -193,8 +194,7 @@ class Trainer:
             raise TrainingError(
                 f"no answer from another process within train.collective_timeout_s="
                 f"{self.cfg.train.collective_timeout_s} s, or it died ({str(err).splitlines()[0]}); "
-                f"the checkpoints are kept: once every process is healthy, resume with --resume auto "
-                f"--run-dir {self.run_dir}"
+                f"the checkpoints are kept: once every process is healthy, resume with {resume_hint(self.run_dir)}"
             ) from None
         finally:
             bar.close()
@@ -341,7 +341,7 @@ class Trainer:
             if self._nonfinite_run >= self.cfg.train.max_nonfinite:
                 raise TrainingError(
                     f"{self._nonfinite_run} non-finite losses in a row at step {record.step}; lower "
-                    f"optim.lr or set optim.grad_clip, then resume from {self.run_dir} with --resume auto"
+                    f"optim.lr or set optim.grad_clip, then resume with {resume_hint(self.run_dir)}"
                 )
         return last
 
@@ -447,7 +447,7 @@ class Trainer:
     def _summary(self, metrics: dict) -> str:
         parts = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items() if k.endswith("accuracy")]
         head = f"capsdist: stopped by {self._signal or 'a signal to another rank'}" if self._stop else "capsdist: done"
-        tail = f"; resume with --resume auto --run-dir {self.run_dir}" if self._stop else ""
+        tail = f"; resume with {resume_hint(self.run_dir)}" if self._stop else ""
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
         return (
             f"{head} at step {self.state.step} ({procs}): {', '.join(parts) or 'no evaluation'}; "
@@ -488,6 +488,11 @@ def _peak_memory_mb(accelerator: Accelerator) -> float:
 def _peer_lost(err: RuntimeError) -> bool:
     """Whether a collective failed because another rank timed out or died (gloo: RuntimeError, NCCL: DistError)."""
     return isinstance(err, torch.distributed.DistError) or "gloo" in str(err)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The launch/train.py arguments that continue the run in `run_dir`, shell-quoted."""
+    return shlex.join(["--resume", "auto", "--run-dir", str(run_dir)])
 
 
 def _is_main_env() -> bool:
