@@ -123,8 +123,8 @@ def check_same_data(recorded: dict | None, current: dict, where: str) -> None:
     undo = [f"{key}={recorded[key]}" for key in keys if key in recorded]
     fix = f"set them back ({shlex.join(['--set', *undo])})" if undo else "bring back the shards it was trained on"
     raise ConfigError(
-        f"{where} was trained on other data than this config's: {'; '.join(what)}. Resuming would mix trained samples into "
-        f"validation (or train on other data): {fix}, or start a new run directory (--run-dir)"
+        f"{where} was trained on other data than this config's: {'; '.join(what)}. Resuming would mix trained "
+        f"samples into validation (or train on other data): {fix}, or start a new run directory (--run-dir)"
     )
 
 

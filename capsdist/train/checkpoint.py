@@ -11,8 +11,8 @@ A checkpoint is a directory run_dir/checkpoints/step-0000500/:
     checkpoint.json         written last: format, world size, and the size and sha256 of every file above
 
 This module is the only one that knows these names: the rest of capsdist saves and loads through `save`,
-`load`, `read_state`, `read_data` and `read_weights`. The learning rate is a function of the step (train/optim.py), so no
-scheduler state is saved. Format 2 also held a LambdaLR's state dict: such checkpoints still load (the
+`load`, `read_state`, `read_data` and `read_weights`. The learning rate is a function of the step
+(train/optim.py), so no scheduler state is saved. Format 2 also held a LambdaLR's state dict: such checkpoints still load (the
 learning rate follows from their step), format 3 drops it.
 
 Files are data: nothing in a checkpoint is unpickled into arbitrary objects (a crafted file is refused,
