@@ -73,6 +73,7 @@ class DataConfig:
     shuffle_buffer: int = _num(_DATA.shuffle_buffer, 1)  # WebDataset shuffle buffer (samples)
     skip_corrupt: bool = _DATA.skip_corrupt  # skip corrupt samples instead of failing
     max_skipped_fraction: float = _num(0.01, 0.0, 1.0)  # skip_corrupt: stop when an epoch loses more than this
+    read_timeout_s: float = _num(_DATA.read_timeout_s, 0.0, open_lo=True)  # URL shards: no data this long = an error
     prepare: Literal["auto", "never"] = "auto"  # auto: rank 0 prepares missing shards
 
 
@@ -128,7 +129,8 @@ class WandbConfig:
     entity: str = ""  # "" = your default entity
     name: str = ""  # "" = the run directory's name
     tags: list[str] = field(default_factory=list)
-    mode: Literal["online", "offline", "disabled"] = "online"  # online without credentials -> offline
+    mode: Literal["online", "offline", "disabled"] = "online"  # online without credentials -> offline; WANDB_MODE wins
+    init_timeout_s: float = _num(30.0, 0.0, open_lo=True)  # online: wait this long for the server, then log offline
 
 
 @dataclass

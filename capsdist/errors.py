@@ -23,6 +23,10 @@ class CheckpointError(CapsdistError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 
+class StorageError(CapsdistError):
+    """A file or directory capsdist writes cannot be written: no space left, read-only, a file in the way."""
+
+
 class TrainingError(CapsdistError):
     """Training cannot go on (for example, repeated non-finite losses)."""
 

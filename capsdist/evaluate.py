@@ -5,6 +5,7 @@ model and data, for the experiments to load each checkpoint of a run into."""
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from accelerate import Accelerator
 
 from capsdist.config import Config, config_from_dict
 from capsdist.data import DataOptions, Manifest, eval_loader
-from capsdist.errors import CheckpointError
+from capsdist.errors import CheckpointError, StorageError
 from capsdist.files import write_atomic
 from capsdist.loss import LossFn, make_loss
 from capsdist.run import data_options, load_data, make_accelerator, model_for_data
@@ -110,17 +111,20 @@ def evaluate_run(run_dir: str | Path, which: str = "best", split: str = "test", 
 
     The model and data settings come from run_dir/config.yaml, with `overrides` ("a.b=c") applied.
     Returns the result dict (without images) on every rank; rank 0 prints it and writes
-    run_dir/eval-<checkpoint>-<split>.json.
+    run_dir/eval-<checkpoint>-<split>.json (when that cannot be written, a read-only run, it says so on stderr).
     """
     run = open_run(run_dir, overrides)
     path, step = run.load(which)
     result = run.evaluate(split, step)
     result.update(split=split, checkpoint=str(path), step=step, classes=run.classes)
     if run.accelerator.is_main_process:
-        out = run.run_dir / f"eval-{path.name}-{split}.json"
-        write_atomic(out, json.dumps(result, indent=1).encode())
         print(format_result(result))
-        print(f"written: {out}")
+        out = run.run_dir / f"eval-{path.name}-{split}.json"
+        try:
+            write_atomic(out, json.dumps(result, indent=1).encode())
+            print(f"written: {out}")
+        except StorageError as err:
+            print(f"capsdist: warning: the result above is not saved: {err}", file=sys.stderr)
     run.accelerator.end_training()  # tear down the process group before exit (gloo/NCCL threads can abort it)
     return result
 

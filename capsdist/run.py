@@ -73,7 +73,7 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
     The other ranks wait at a barrier and then read the same manifest.
     """
     if is_remote(cfg.shards) or (Path(cfg.shards) / "manifest.json").is_file():  # a URL or pipe: is never prepared
-        return load_manifest(opts.shards)
+        return load_manifest(opts.shards, opts.read_timeout_s)
     command = prepare_command(cfg.data.dataset, cfg.shards)
     if cfg.data.prepare == "never":
         raise DataError(
@@ -95,7 +95,7 @@ def load_data(cfg: Config, accelerator: Accelerator, opts: DataOptions):
         raise error
     if not (Path(cfg.shards) / "manifest.json").is_file():
         raise DataError(f"{cfg.shards}: rank 0 could not prepare {cfg.data.dataset}; see its error")
-    return load_manifest(opts.shards)
+    return load_manifest(opts.shards, opts.read_timeout_s)
 
 
 def model_for_data(cfg: Config, manifest, opts: DataOptions) -> torch.nn.Module:

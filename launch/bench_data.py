@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         from capsdist.data import eval_loader, load_manifest, train_loader
 
         opts, batch = options(args)
-        manifest = load_manifest(opts.shards)
+        manifest = load_manifest(opts.shards, opts.read_timeout_s)
         if args.split == "train":
             loader = train_loader(manifest, opts, epoch=0, rank=0, world_size=1, per_rank_batch=batch)
         else:

@@ -33,6 +33,13 @@ def python_processes_only_in_e2e(request, monkeypatch):
     monkeypatch.setattr(subprocess.Popen, "__init__", guarded_init)
 
 
+@pytest.fixture(autouse=True)
+def wandb_as_configured(monkeypatch):
+    """In-process runs log to W&B as their config says: a WANDB_MODE in the environment (.ci/run sets offline)
+    would win over it, as it does for users. Subprocess runs drop every WANDB_ variable (train_helpers.run_env)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+
 @pytest.fixture
 def one_torch_thread():
     """One intra-op thread for in-process model tests: their shapes are tiny, and on a busy 2-core machine two

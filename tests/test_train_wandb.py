@@ -1,13 +1,19 @@
-"""W&B offline: the run's own files read back with the expected keys and steps; a resume continues the same run id."""
+"""W&B offline: the run's own files read back with the expected keys and steps; a resume continues the same run id;
+WANDB_MODE in the environment wins over the config; an unreachable W&B server means logging offline, not a failed run."""
 
 import json
+import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from train_helpers import run, train_command
+from capsdist.config import load_config
+from capsdist.train.tracking import wandb_settings
+from train_helpers import free_port, run, train_command
 
 pytestmark = pytest.mark.e2e  # every test here starts Python processes
 
@@ -72,3 +78,41 @@ def test_offline_run_files_and_resume(tiny_config, tmp_path):
     assert any(k.startswith("val/misclassified") for k in keys)
     resumed = sorted({r["_step"] for r in history(folders[1]) if "train/loss" in r})
     assert resumed == list(range(7, 11))  # explicit global steps from the checkpoint, not a new count from 0
+
+
+@pytest.mark.parametrize("env_mode, expected", [("offline", "offline"), ("disabled", None)])
+def test_wandb_mode_in_the_environment_wins(tiny_config, tmp_path, monkeypatch, env_mode, expected):
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # credentials: the config's online would stay online
+    monkeypatch.setenv("WANDB_MODE", env_mode)
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    cfg = load_config(tiny_config, ["logging.wandb.mode=online"])
+    settings = wandb_settings(cfg, tmp_path, is_main=True)
+    assert (settings and settings["mode"]) == expected
+    assert os.environ["WANDB_MODE"] == env_mode
+
+
+def test_online_without_a_network_falls_back_to_offline(tiny_config, tmp_path):
+    """A W&B server that cannot be reached (a closed local port) costs init_timeout_s, then the run logs offline;
+    the printed sync command is shell-quoted (the run directory holds a space and a quote)."""
+    run_dir = tmp_path / "it's a run"
+    result = run(
+        train_command(
+            tiny_config,
+            "--run-dir",
+            str(run_dir),
+            "--max-steps",
+            "2",
+            "--set",
+            "logging.wandb.mode=online",
+            "logging.wandb.init_timeout_s=3",
+        ),
+        timeout=150,
+        env={"WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": f"http://127.0.0.1:{free_port()}"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "W&B cannot be reached" in result.stdout and "logging offline" in result.stdout
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    (folder,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    (sync,) = re.findall(r"upload it with: (.*)$", result.stdout, re.MULTILINE)
+    assert shlex.split(sync) == ["wandb", "sync", str(folder)]
+    assert sorted({r["_step"] for r in history(folder) if "train/loss" in r}) == [1, 2]

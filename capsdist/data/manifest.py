@@ -21,6 +21,7 @@ or a `pipe:` command; a local shard that is a symbolic link is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -28,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from webdataset import gopen
-
+from capsdist.data.fetch import read_url
 from capsdist.errors import DataError
 
 FORMAT = 1
@@ -64,6 +64,7 @@ class Manifest:
     splits: dict[str, SplitInfo]
     sources: dict
     capsdist_version: str
+    sha256: str  # of manifest.json as read: which shards, whatever their location
 
     def url(self, shard: ShardInfo) -> str:
         """Path, URL or pipe: command of a shard; DataError if a local shard is a symbolic link."""
@@ -100,23 +101,27 @@ def join(location: str, name: str) -> str:
 
 
 def prepare_command(dataset: str, location: str, subset: dict | None = None) -> str:
-    """`python launch/prepare_data.py ...` for `dataset` into `location`."""
-    cmd = f"python launch/prepare_data.py {dataset} --out {location}"
+    """`python launch/prepare_data.py ...` for `dataset` into `location`; for a URL or pipe: location (never
+    prepared into) into a local DIR, whose files then go where `location` reads them."""
+    remote = is_remote(location)
+    cmd = shlex.join(["python", "launch/prepare_data.py", dataset, "--out", "DIR" if remote else location])
     if subset:
         cmd += " --subset " + ",".join(f"{k}={v}" for k, v in subset.items())
-    return cmd
+    return f"{cmd}, then put DIR's files where {location} reads them" if remote else cmd
 
 
-def load_manifest(location: str | Path) -> Manifest:
-    """Read `location`/manifest.json (local directory or URL); DataError with the prepare command."""
+def load_manifest(location: str | Path, read_timeout_s: float = 60.0) -> Manifest:
+    """Read `location`/manifest.json (local directory, URL or pipe:; a URL fails after `read_timeout_s` seconds
+    without data and is read again after a network failure: capsdist.data.fetch); DataError with the prepare
+    command, or saying network for a URL the network fails to deliver."""
     location = str(location)
     guess = location.replace("{}", "").rstrip("/ -").rsplit("/", 1)[-1]
     hint = prepare_command(
         guess if guess in ("smallnorb", "fashion-mnist", "mnist") else "<smallnorb|fashion-mnist|mnist>", location
     )
     try:
-        with gopen(join(location, MANIFEST)) as f:
-            raw = json.loads(f.read())
+        data = read_url(join(location, MANIFEST), read_timeout_s)
+        raw = json.loads(data)
     except FileNotFoundError:
         raise DataError(
             f"no {MANIFEST} in {location}: the dataset is not prepared (or its preparation did not finish); run: {hint}"
@@ -129,7 +134,7 @@ def load_manifest(location: str | Path) -> Manifest:
             f"{join(location, MANIFEST)}: manifest format {found} is not {FORMAT}; prepare the dataset again: {hint}"
         )
     try:
-        return _parse(location, raw)
+        return _parse(location, raw, hashlib.sha256(data).hexdigest())
     except (KeyError, TypeError, ValueError) as exc:
         what = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
         raise DataError(
@@ -137,8 +142,9 @@ def load_manifest(location: str | Path) -> Manifest:
         ) from None
 
 
-def _parse(location: str, raw: dict) -> Manifest:
-    """The Manifest of a format-1 dict; KeyError, TypeError or ValueError saying what is wrong."""
+def _parse(location: str, raw: dict, sha256: str) -> Manifest:
+    """The Manifest of a format-1 dict (read from bytes of digest `sha256`); KeyError, TypeError or ValueError
+    saying what is wrong."""
     splits = {name: _split(name, s) for name, s in _typed(raw["splits"], dict, "splits").items()}
     image_shape = tuple(_typed(raw["image_shape"], list, "image_shape"))
     if len(image_shape) != 3 or not all(isinstance(v, int) and v > 0 for v in image_shape):
@@ -154,6 +160,7 @@ def _parse(location: str, raw: dict) -> Manifest:
         splits=splits,
         sources=_typed(raw["sources"], dict, "sources"),
         capsdist_version=_typed(raw["capsdist_version"], str, "capsdist_version"),
+        sha256=sha256,
     )
 
 

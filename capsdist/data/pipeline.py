@@ -5,7 +5,7 @@
     # Batch(images float32 (b, C, H, W), labels int64 (b,), index int64 (b,), skipped int)
 
 Each worker of the torch DataLoader follows its `WorkerPlan` (capsdist.data.plan): it streams
-its shards (local paths, http(s):// URLs or pipe: commands, opened by webdataset's gopen),
+its shards (local paths, http(s):// URLs or pipe: commands, opened by capsdist.data.fetch),
 keeps the planned sample indices, shuffles undecoded records in a buffer seeded by
 (seed, epoch, rank, worker) when training, and decodes and transforms only the batches it
 yields. Loaders must never go through `accelerator.prepare` (it would re-shard or broadcast
@@ -17,7 +17,9 @@ sample raises DataError naming the shard and member. With skip_corrupt, training
 with another sample of the same batch and evaluation with a padding row; `Batch.skipped` counts
 them and the loader logs the epoch's total. Every shard is hashed as it streams (the whole file is
 read anyway) and checked against the manifest's sha256 when it ends: a mismatch raises DataError
-(a warning with skip_corrupt), so a changed shard stops the run within one shard.
+(a warning with skip_corrupt), so a changed shard stops the run within one shard. A shard whose read fails in the
+network (a URL: refused, cut short, no data for read_timeout_s) is read again for the samples not yet yielded, a
+bounded number of times, then a DataError says network, not corruption; skip_corrupt never skips it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hashlib
 import io
 import itertools
 import logging
+import shlex
 import signal
 import tarfile
 import zlib
@@ -36,12 +39,11 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset import gopen
-
+from capsdist.data import fetch
 from capsdist.data import plan as plans
 from capsdist.data.manifest import Manifest
 from capsdist.data.transforms import SampleTransform, input_shape
-from capsdist.errors import DataError
+from capsdist.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 _TAG_SHUFFLE = 0x5348
@@ -59,6 +61,7 @@ class DataOptions:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     skip_corrupt: bool = False
+    read_timeout_s: float = 60.0  # http(s) shards and manifest: seconds without data before a read fails
     seed: int = 0
 
 
@@ -77,6 +80,51 @@ def _select(manifest: Manifest, opts: DataOptions, role: str) -> tuple[str, np.n
         val_fraction=opts.val_fraction,
         viewpoint=opts.viewpoint,
         seed=opts.seed,
+    )
+
+
+def data_identity(manifest: Manifest, opts: DataOptions) -> dict:
+    """What a run trains and validates on, by the keys that choose it: which shards (the manifest's sha256; the
+    dataset and location too) and what parts validation from training (plan.select). A checkpoint records it."""
+    return {
+        "data.dataset": manifest.dataset,
+        "data.shards": opts.shards,
+        "manifest_sha256": manifest.sha256,
+        "data.val_strategy": opts.val_strategy,
+        "data.val_fraction": opts.val_fraction,
+        "data.viewpoint": opts.viewpoint,
+        "train.seed": opts.seed,
+    }
+
+
+def check_same_data(recorded: dict | None, current: dict, where: str) -> None:
+    """Refuse, with a ConfigError that names `where` (a checkpoint), what changed and the --set that undoes it, to
+    resume on `current` data (data_identity) other than the `recorded` one: the validation split would hold trained
+    samples. The same manifest at another location continues, with a warning; so does a checkpoint that recorded
+    nothing (an older capsdist's)."""
+    if recorded is None:
+        log.warning("%s has no record of the data it was trained on (an older capsdist wrote it): not checked", where)
+        return
+    changed = [key for key in current if recorded.get(key) != current[key]]
+    if changed == ["data.shards"]:
+        log.warning(
+            "%s: data.shards %s -> %s, the same manifest (sha256): continuing",
+            where,
+            recorded[changed[0]],
+            current[changed[0]],
+        )
+        return
+    if not changed:
+        return
+    keys = [key for key in changed if key != "manifest_sha256"]
+    what = [f"{key} {recorded.get(key)} -> {current[key]}" for key in keys]
+    if "manifest_sha256" in changed:
+        what.append("the shards' manifest is another one (other shards, or prepared again)")
+    undo = [f"{key}={recorded[key]}" for key in keys if key in recorded]
+    fix = f"set them back ({shlex.join(['--set', *undo])})" if undo else "bring back the shards it was trained on"
+    raise ConfigError(
+        f"{where} was trained on other data than this config's: {'; '.join(what)}. Resuming would mix trained "
+        f"samples into validation (or train on other data): {fix}, or start a new run directory (--run-dir)"
     )
 
 
@@ -132,6 +180,7 @@ def train_loader(
         skip_corrupt=opts.skip_corrupt,
         start_batch=start_batch,
         shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels),
+        read_timeout_s=opts.read_timeout_s,
     )
     total = sum(p.num_batches for p in worker_plans)
     if not 0 <= start_batch <= total:
@@ -203,6 +252,7 @@ def eval_loader(
         skip_corrupt=opts.skip_corrupt,
         start_batch=0,
         shape=input_shape(manifest.dataset, manifest.image_shape, opts.channels, pixels_only=pixels_only),
+        read_timeout_s=opts.read_timeout_s,
     )
     total = sum(p.num_batches for p in worker_plans)
     return EpochLoader(stream, opts.num_workers, total, f"{split} rank {rank}")
@@ -296,10 +346,11 @@ class _Stream(IterableDataset):
         skip_corrupt: bool,
         start_batch: int,
         shape: tuple[int, int, int],
+        read_timeout_s: float,
     ):
         self.manifest, self.split, self.plans, self.transform = manifest, split, worker_plans, transform
         self.batch, self.train, self.shuffle, self.skip_corrupt = batch, train, shuffle, skip_corrupt
-        self.start_batch, self.shape = start_batch, shape
+        self.start_batch, self.shape, self.read_timeout_s = start_batch, shape, read_timeout_s
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -405,12 +456,23 @@ class _Stream(IterableDataset):
             self.skipped += missing
 
     def _read_shard(self, url: str, sha256: str, wanted: set[int]) -> Iterator[_Record]:
+        """Records of `wanted` indices in shard `url` (`_read_shard_once`); a read that fails in the network starts
+        again for the records not yet yielded (fetch.retried)."""
+        done: set[int] = set()
+        for record in fetch.retried(
+            lambda: self._read_shard_once(url, sha256, wanted - done), url, self.read_timeout_s
+        ):
+            done.add(record.index)
+            yield record
+
+    def _read_shard_once(self, url: str, sha256: str, wanted: set[int]) -> Iterator[_Record]:
         """Records of `wanted` indices in shard `url`, grouped from consecutive tar members of one key;
-        the whole shard is read and checked against `sha256` at the end."""
+        the whole shard is read and checked against `sha256` at the end; fetch.NetworkError passes through."""
         member, current = None, None
         try:
             mode = "r|gz" if url.rstrip(" -").endswith(".gz") else "r|"  # "r|*" sniffing costs ~30% more
-            with gopen(url) as raw, tarfile.open(fileobj=(stream := _Hashed(raw)), mode=mode) as tar:
+            raw = fetch.open_url(url, self.read_timeout_s)
+            with raw, tarfile.open(fileobj=(stream := _Hashed(raw)), mode=mode) as tar:
                 for member_info in tar:
                     member = member_info.name
                     key, _, ext = member.partition(".")

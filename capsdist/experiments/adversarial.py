@@ -29,7 +29,7 @@ from capsdist.data.transforms import normalise
 from capsdist.errors import ConfigError
 from capsdist.evaluate import OpenRun, open_runs
 from capsdist.experiments.output import figure, markdown_table, percent, write_outputs
-from capsdist.train.tracking import wandb_settings
+from capsdist.train.tracking import start_wandb, sync_message, wandb_settings
 
 ATTACKS = ("fgsm", "bim")
 
@@ -210,7 +210,9 @@ def _log_to_wandb(result: dict, run: OpenRun, out: Path, key: str) -> None:
         return
     import wandb
 
-    wb_run = wandb.init(project=cfg.logging.wandb.project, job_type="adversarial", **settings)
+    wb_run = start_wandb(
+        lambda kwargs: wandb.init(project=cfg.logging.wandb.project, job_type="adversarial", **kwargs), settings
+    )
     labels = [m["label"] for m in result["models"]]
     logged = {
         f"{key}/{metric}": wandb.plot.line_series(
@@ -232,4 +234,4 @@ def _log_to_wandb(result: dict, run: OpenRun, out: Path, key: str) -> None:
     folder = Path(wb_run.dir).parent
     wb_run.finish()
     if settings["mode"] == "offline":
-        print(f"capsdist: W&B run saved offline; upload it with: wandb sync {folder}")
+        print(sync_message(folder))

@@ -6,12 +6,14 @@ A checkpoint is a directory run_dir/checkpoints/step-0000500/:
     optimizer.bin           optimizer state (Accelerate; tensors and numbers, loaded with weights_only=True)
     scaler.pt               fp16 gradient scaler (Accelerate; weights_only=True), only with fp16
     random_states_<r>.pkl   RNG states of rank r (Accelerate; weights_only=True)
-    trainer_state.json      capsdist's own state: TrainState (step, epoch, data position, best metric, ...), JSON
+    trainer_state.json      capsdist's own state, JSON: TrainState (step, epoch, data position, best metric, ...)
+                            and the data it was trained on (capsdist.data.data_identity)
     checkpoint.json         written last: format, world size, and the size and sha256 of every file above
 
 This module is the only one that knows these names: the rest of capsdist saves and loads through `save`,
-`load`, `read_state` and `read_checkpoint`. The learning rate is a function of the step (train/optim.py), so no
-scheduler state is saved. Format 2 also held a LambdaLR's state dict: such checkpoints still load (the
+`load`, `read_state`, `read_data` and `read_checkpoint`. The learning rate is a function of the step
+(train/optim.py), so no scheduler state is saved. Format 2 also held a LambdaLR's state dict: such checkpoints
+still load (the
 learning rate follows from their step), format 3 drops it.
 
 Files are data: nothing in a checkpoint is unpickled into arbitrary objects (a crafted file is refused,
@@ -50,7 +52,7 @@ from accelerate.utils import load as safe_load
 from safetensors.torch import load as safetensors_load
 
 from capsdist.errors import CapsdistError, CheckpointError, TrainingError
-from capsdist.files import copy_durable, fsync_dir, sha256_file, write_atomic
+from capsdist.files import copy_durable, fsync_dir, sha256_file, storage_error, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -213,24 +215,40 @@ def agree(accelerator: Accelerator, choose: Callable[[], Path | None]) -> Path |
 
 
 def read_state(path: Path) -> TrainState:
-    """The TrainState of a verified checkpoint (trainer_state.json: {"train": TrainState dict}; format 2 also
-    has a "scheduler" entry, ignored)."""
+    """The TrainState of a verified checkpoint (trainer_state.json: {"train": TrainState dict, "data": ...}; format
+    2 also has a "scheduler" entry, ignored)."""
+    return _parse_state(_read_state_file(path), path / STATE_FILE)
+
+
+def read_data(path: Path) -> dict | None:
+    """The data a verified checkpoint was trained on (capsdist.data.data_identity); None if it has no record."""
+    return _state_entry(_read_state_file(path), path / STATE_FILE, "data", required=False)
+
+
+def _read_state_file(path: Path) -> bytes:
     try:
-        return _parse_state((path / STATE_FILE).read_bytes(), path / STATE_FILE)
+        return (path / STATE_FILE).read_bytes()
     except OSError as err:
         raise CheckpointError(f"{path / STATE_FILE}: unreadable ({err})") from None
 
 
-def _parse_state(data: bytes, source: Path) -> TrainState:
-    """The TrainState in the bytes of trainer_state.json read from `source`."""
+def _state_entry(data: bytes, source: Path, key: str, required: bool = True) -> dict | None:
+    """Entry `key` of the bytes of trainer_state.json read from `source`, a dict (None when absent and not
+    `required`); CheckpointError."""
     try:
         saved = json.loads(data)
-        if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict):
-            raise ValueError("expected the key train")
+        entry = saved.get(key) if isinstance(saved, dict) else None
+        if not isinstance(entry, dict) and (required or entry is not None):
+            raise ValueError(f"expected the key {key} to hold an object")
     except ValueError as err:
         raise CheckpointError(f"{source}: unreadable ({err})") from None
+    return entry
+
+
+def _parse_state(data: bytes, source: Path) -> TrainState:
+    """The TrainState in the bytes of trainer_state.json read from `source`."""
     state = TrainState()
-    state.load_state_dict(saved["train"])
+    state.load_state_dict(_state_entry(data, source, "train"))
     return state
 
 
@@ -270,8 +288,9 @@ def assert_finite(model: torch.nn.Module) -> None:
             )
 
 
-def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, keep_last: int) -> Path:
-    """Write step-<state.step> atomically on all ranks; rank 0 prunes to the newest `keep_last`."""
+def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, keep_last: int, data: dict) -> Path:
+    """Write step-<state.step>, with the `data` it was trained on (read_data), atomically on all ranks; rank 0
+    prunes to the newest `keep_last`."""
     root = checkpoint_dir(run_dir)
     final = root / f"step-{state.step:07d}"
     tmp = root / f".tmp-{final.name}"
@@ -279,9 +298,16 @@ def save(accelerator: Accelerator, run_dir: str | Path, state: TrainState, keep_
         root.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(root)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict()}))
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / STATE_FILE).write_text(json.dumps({"train": state.state_dict(), "data": data}))
+    except (OSError, RuntimeError) as err:  # RuntimeError: torch.save's C++ writer, on a full disk too
+        error = storage_error(root, err)  # before the partial checkpoint, which filled the disk, is removed
+        shutil.rmtree(tmp, ignore_errors=True)  # the older checkpoints are untouched
+        if error is None:
+            raise
+        raise error from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = {

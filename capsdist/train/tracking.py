@@ -1,8 +1,11 @@
 """Tracking: W&B through Accelerate's tracker, and run_dir/metrics.jsonl always.
 
 `wandb_settings` decides the W&B mode before wandb is first set up (WANDB_MODE must be set
-before that): "online" without credentials becomes "offline" and the `wandb sync` command is
-printed at the end. The run id is stored in run_dir/wandb_id.txt so a resumed run continues
+before that): a WANDB_MODE in the environment wins over logging.wandb.mode, and "online" without
+credentials becomes "offline". `start_wandb` bounds wandb.init's wait for the server
+(logging.wandb.init_timeout_s) and, when an online server cannot be reached, starts the run offline
+instead. An offline run prints its `wandb sync` command at the end. The run id is stored in
+run_dir/wandb_id.txt so a resumed run continues
 the same W&B run; every log call passes the global step restored from the checkpoint, because
 an offline resume starts a new run folder whose own step counter begins at 0.
 
@@ -15,14 +18,23 @@ from __future__ import annotations
 import json
 import netrc
 import os
+import re
+import shlex
 import uuid
 from pathlib import Path
+from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
 from accelerate import Accelerator
 
-from capsdist.config import Config
+from capsdist.config import Config, config_dict
+from capsdist.errors import ConfigError
+from capsdist.files import check_writable_dir, write_atomic, writing
+
+MODES = ("online", "offline", "disabled")
+_RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a W&B run id may hold (capsdist writes 12 hex digits)
+T = TypeVar("T")
 
 
 def _has_credentials() -> bool:
@@ -41,7 +53,7 @@ def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
 
     Sets WANDB_MODE and WANDB_SILENT in the environment; call before the Accelerator is created.
     """
-    mode = cfg.logging.wandb.mode
+    mode = _mode(cfg, is_main)
     if mode == "online" and not _has_credentials():
         mode = "offline"
         if is_main:
@@ -50,12 +62,12 @@ def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
         return None
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
-    id_file = run_dir / "wandb_id.txt"
-    if is_main and not id_file.is_file():
-        id_file.write_text(uuid.uuid4().hex[:12])
+    run_id = _run_id(run_dir) if is_main else None
+    if is_main:
+        check_writable_dir(run_dir / "wandb")  # wandb's own folder: a message now, not a traceback from wandb.init
     wb = cfg.logging.wandb
-    return {
-        "id": id_file.read_text().strip() if is_main else None,
+    settings = {
+        "id": run_id,
         "resume": "allow",
         "name": wb.name or run_dir.name,
         "entity": wb.entity or None,
@@ -63,6 +75,70 @@ def wandb_settings(cfg: Config, run_dir: Path, is_main: bool) -> dict | None:
         "dir": str(run_dir),
         "mode": mode,
     }
+    if "WANDB_INIT_TIMEOUT" not in os.environ:  # the environment wins here too
+        settings["settings"] = {"init_timeout": wb.init_timeout_s}
+    return settings
+
+
+def _run_id(run_dir: Path) -> str:
+    """The W&B run id kept in run_dir/wandb_id.txt, so that a resumed run continues the same W&B run; a new one,
+    written atomically, when there is none, or when the file is empty or holds no id (said in a message)."""
+    path = run_dir / "wandb_id.txt"
+    if path.is_file():
+        found = path.read_text(errors="replace").strip()
+        if _RUN_ID.fullmatch(found):
+            return found
+        print(f"capsdist: {path} holds no W&B run id ({found[:40]!r}): this run logs to a new W&B run")
+    run_id = uuid.uuid4().hex[:12]
+    write_atomic(path, run_id.encode())
+    return run_id
+
+
+def _mode(cfg: Config, is_main: bool) -> str:
+    """logging.wandb.mode, or WANDB_MODE when the environment sets it (ConfigError for a mode capsdist lacks)."""
+    mode, env = cfg.logging.wandb.mode, os.environ.get("WANDB_MODE")
+    if not env:
+        return mode
+    if env not in MODES:
+        raise ConfigError(
+            f"WANDB_MODE={env} in the environment: capsdist takes {', '.join(MODES)}; set one or unset it"
+        )
+    if env != mode and is_main:
+        print(f"capsdist: WANDB_MODE={env} in the environment overrides logging.wandb.mode={mode}")
+    return env
+
+
+def start_wandb(start: Callable[[dict], T], settings: dict) -> T:
+    """`start(settings)`, a call of wandb.init with these kwargs (from `wandb_settings`); when an online W&B server
+    cannot be reached in time (or refuses the run), say so, end wandb's session and `start` again offline
+    (settings["mode"] and WANDB_MODE become offline). Returns what `start` returns."""
+    import wandb
+
+    try:
+        return start(settings)
+    except (wandb.errors.Error, TimeoutError) as err:
+        if settings["mode"] != "online":
+            raise
+        print(f"capsdist: W&B cannot be reached ({str(err).splitlines()[0]}): logging offline")
+        wandb.teardown()  # the failed run keeps its id in use until wandb's session ends
+        os.environ["WANDB_MODE"] = settings["mode"] = "offline"
+        return start(settings)
+
+
+def start_trackers(accelerator: Accelerator, cfg: Config, settings: dict) -> None:
+    """Accelerate's W&B tracker for this run, with `settings` from `wandb_settings` (offline if W&B cannot be
+    reached: `start_wandb`)."""
+
+    def start(kwargs: dict) -> None:
+        accelerator.trackers.clear()  # a tracker whose start failed stays in the list
+        accelerator.init_trackers(cfg.logging.wandb.project, config=config_dict(cfg), init_kwargs={"wandb": kwargs})
+
+    start_wandb(start, settings)
+
+
+def sync_message(folder: Path) -> str:
+    """What an offline W&B run prints at its end: the command that uploads `folder`."""
+    return f"capsdist: W&B run saved offline; upload it with: {shlex.join(['wandb', 'sync', str(folder)])}"
 
 
 class Tracker:
@@ -72,14 +148,16 @@ class Tracker:
         self.accelerator = accelerator
         self.wandb = wandb_enabled
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a") if accelerator.is_main_process else None
+        self._file = None
+        if accelerator.is_main_process:
+            with writing(self.path):
+                self._file = open(self.path, "a")
 
     def log(self, values: dict[str, float], step: int) -> None:
         """Log scalars at global `step` to metrics.jsonl and W&B (rank 0 only)."""
         if self._file is None:
             return
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
-        self._file.flush()
+        self._write({"step": step, **values})
         if self.wandb:
             self.accelerator.log({k: v for k, v in values.items() if v is not None}, step=step)
 
@@ -87,8 +165,7 @@ class Tracker:
         """Confusion matrix (also to metrics.jsonl) and misclassified images of one evaluation."""
         if self._file is None:
             return
-        self._file.write(json.dumps({"step": step, f"{split}/confusion_matrix": result["confusion"]}) + "\n")
-        self._file.flush()
+        self._write({"step": step, f"{split}/confusion_matrix": result["confusion"]})
         if not self.wandb:
             return
         import wandb
@@ -111,6 +188,12 @@ class Tracker:
             ]
         self.accelerator.log(media, step=step)
 
+    def _write(self, record: dict) -> None:
+        """One line of metrics.jsonl, flushed (StorageError when the disk is full)."""
+        with writing(self.path):
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+
     def finish(self) -> None:
         """Close metrics.jsonl, end the Accelerate run (W&B, if on, and the process group: a gloo/NCCL group
         left to interpreter exit can abort the process), and print the sync command of an offline W&B run."""
@@ -123,7 +206,7 @@ class Tracker:
             offline_dir = Path(self.accelerator.get_tracker("wandb", unwrap=True).dir).parent
         self.accelerator.end_training()
         if offline_dir is not None:
-            print(f"capsdist: W&B run saved offline; upload it with: wandb sync {offline_dir}")
+            print(sync_message(offline_dir))
 
 
 def _to_image(image: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import resource
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -32,8 +33,9 @@ from tqdm.auto import tqdm
 
 from capsdist import threads
 from capsdist.config import Config, config_dict, save_config
-from capsdist.data import eval_loader, steps_per_epoch, train_loader
+from capsdist.data import check_same_data, data_identity, eval_loader, steps_per_epoch, train_loader
 from capsdist.errors import CheckpointError, ConfigError, TrainingError
+from capsdist.files import check_writable_dir
 from capsdist.loss import make_loss
 from capsdist.run import data_options, load_data, make_accelerator, model_for_data
 from capsdist.train import checkpoint
@@ -42,7 +44,7 @@ from capsdist.train.evaluation import evaluate
 from capsdist.train.health import ClassHealthMonitor, grad_norm_tensors
 from capsdist.train.lock import RunLock
 from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
-from capsdist.train.tracking import Tracker, wandb_settings
+from capsdist.train.tracking import Tracker, start_trackers, wandb_settings
 from capsdist.train.update import GuardedUpdate
 
 log = logging.getLogger("capsdist")
@@ -54,7 +56,7 @@ class Trainer:
     def __init__(self, cfg: Config, *, source: str = "config", resume: str = "auto"):
         self.cfg, self.source = cfg, source
         self.run_dir = Path(cfg.run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        check_writable_dir(self.run_dir)  # a file in the way, a read-only place, a full disk: now, before any work
         self.lock = RunLock(self.run_dir)  # held by rank 0 until fit() ends (capsdist/train/lock.py)
         try:
             self._build(resume)
@@ -65,6 +67,8 @@ class Trainer:
     def _build(self, resume: str) -> None:
         cfg = self.cfg
         holder = self.lock.acquire() if _is_main_env() else None  # before anything is written into the run dir
+        if holder is None:  # a trainer that will stop leaves the run's folders alone
+            check_writable_dir(checkpoint.checkpoint_dir(self.run_dir))  # now, not at the first save
         wandb_kwargs = None if holder else wandb_settings(cfg, self.run_dir, is_main=_is_main_env())
         self.accelerator = acc = make_accelerator(cfg, log_with="wandb" if wandb_kwargs else None)
         self._stop_if_locked(holder)
@@ -95,6 +99,7 @@ class Trainer:
         self.opts = data_options(cfg)
         threads.apply(threads.budget(self.opts.num_workers), log)
         self.manifest = load_data(cfg, acc, self.opts)
+        self.data = data_identity(self.manifest, self.opts)  # recorded in every checkpoint, checked on resume
         self.classes = list(self.manifest.classes)
         self.steps_per_epoch = steps_per_epoch(self.manifest, self.opts, cfg.train.batch_size)
         # The learning-rate schedule spans train.epochs: train.max_steps stops a run early without bending its
@@ -117,7 +122,7 @@ class Trainer:
         if acc.is_main_process:
             self._save_config()
         if wandb_kwargs:
-            acc.init_trackers(cfg.logging.wandb.project, config=config_dict(cfg), init_kwargs={"wandb": wandb_kwargs})
+            start_trackers(acc, cfg, wandb_kwargs)
         self.tracker = Tracker(acc, self.run_dir, wandb_enabled=wandb_kwargs is not None)
         self._signal: str | None = None  # a signal this process received
         self._stop = False  # all ranks agreed to stop (set from the step's all-reduce)
@@ -160,6 +165,7 @@ class Trainer:
         return saved if isinstance(saved, int) and not isinstance(saved, bool) else None
 
     def _restore(self) -> None:
+        check_same_data(checkpoint.read_data(self.resume_from), self.data, str(self.resume_from))
         self.state = checkpoint.load(self.accelerator, self.resume_from)
         if self.state.batch_size != self.cfg.train.batch_size:
             raise CheckpointError(
@@ -223,8 +229,7 @@ class Trainer:
             raise TrainingError(
                 f"no answer from another process within train.collective_timeout_s="
                 f"{self.cfg.train.collective_timeout_s} s, or it died ({str(err).splitlines()[0]}); "
-                f"the checkpoints are kept: once every process is healthy, resume with --resume auto "
-                f"--run-dir {self.run_dir}"
+                f"the checkpoints are kept: once every process is healthy, resume with {resume_hint(self.run_dir)}"
             ) from None
         finally:
             bar.close()
@@ -373,7 +378,7 @@ class Trainer:
                 raise TrainingError(
                     f"{self._nonfinite_run} non-finite steps in a row at step {record.step}, none of them "
                     f"checkpointed; {self._last_healthy()}. Lower optim.lr or set optim.grad_clip, then continue "
-                    f"with --resume auto --run-dir {self.run_dir}"
+                    f"with {resume_hint(self.run_dir)}"
                 )
         return last
 
@@ -479,7 +484,7 @@ class Trainer:
         if self._checkpoint_state == self.state.state_dict():
             return self._checkpoint
         checkpoint.assert_finite(self.accelerator.unwrap_model(self.model))
-        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last)
+        path = checkpoint.save(self.accelerator, self.run_dir, self.state, self.cfg.checkpoint.keep_last, self.data)
         self._checkpoint, self._checkpoint_state = path, self.state.state_dict()
         return path
 
@@ -495,7 +500,7 @@ class Trainer:
     def _summary(self, metrics: dict) -> str:
         parts = [f"{k.replace('_', ' ')} {v:.4f}" for k, v in metrics.items() if k.endswith("accuracy")]
         head = f"capsdist: stopped by {self._signal or 'a signal to another rank'}" if self._stop else "capsdist: done"
-        tail = f"; resume with --resume auto --run-dir {self.run_dir}" if self._stop else ""
+        tail = f"; resume with {resume_hint(self.run_dir)}" if self._stop else ""
         procs = f"{self.world} process{'es' if self.world > 1 else ''}"
         return (
             f"{head} at step {self.state.step} ({procs}): {', '.join(parts) or 'no evaluation'}; "
@@ -537,6 +542,11 @@ def _peak_memory_mb(accelerator: Accelerator) -> float:
 def _peer_lost(err: RuntimeError) -> bool:
     """Whether a collective failed because another rank timed out or died (gloo: RuntimeError, NCCL: DistError)."""
     return isinstance(err, torch.distributed.DistError) or "gloo" in str(err)
+
+
+def resume_hint(run_dir: Path) -> str:
+    """The launch/train.py arguments that continue the run in `run_dir`, shell-quoted."""
+    return shlex.join(["--resume", "auto", "--run-dir", str(run_dir)])
 
 
 def _is_main_env() -> bool:
