@@ -15,7 +15,7 @@ import pytest
 
 from capsdist.data import DataOptions, eval_loader, load_manifest
 from capsdist.errors import DataError
-from test_data_formats import prepare_idx_shards
+from fixtures import prepare_idx_shards
 from train_helpers import free_port
 
 N_TRAIN, N_TEST = 20, 20

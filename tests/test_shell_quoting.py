@@ -13,13 +13,13 @@ from capsdist.config import load_config
 from capsdist.errors import DataError, TrainingError
 from capsdist.run import data_options, load_data
 from capsdist.train import trainer
-from test_train_errors import _nan_at
+from train_helpers import faulty_loss
 
 ODD = "it's a run dir"  # a space and a quote
 
 
 def test_the_resume_hint_is_shell_quoted(tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer, "make_loss", _nan_at(set(range(100))))
+    monkeypatch.setattr(trainer, "make_loss", faulty_loss(set(range(100))))
     run_dir = tmp_path / ODD
     cfg = load_config(tiny_config, [f"run_dir={run_dir}", "train.max_nonfinite=1", "logging.every_steps=1"])
     with pytest.raises(TrainingError) as err:

@@ -9,10 +9,13 @@ import socket
 import sys
 import time
 
+import pytest
+
 from capsdist.train.lock import RunLock
 from train_helpers import REPO, kill_group, last_step, metrics, run, start, train_command, train_state, wait_for_step
 
 
+@pytest.mark.e2e
 def test_a_second_trainer_on_the_run_directory_stops_at_once(tiny_config, tmp_path):
     run_dir = tmp_path / "run"
     first = start(train_command(tiny_config, "--max-steps", "100000", "--checkpoint-every", "2"), tmp_path / "a.log")

@@ -26,6 +26,9 @@ TOTAL = 2 * STEPS_PER_EPOCH  # the tiny config's 2 epochs
 STALE_VIEW = REPO / "tests" / "stale_view.py"
 
 
+pytestmark = pytest.mark.e2e  # every test here starts Python processes
+
+
 @pytest.fixture(scope="module")
 def config(tiny_shards, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("restart")
