@@ -39,3 +39,24 @@ def test_plot_writes_a_png(tmp_path):
 def test_a_directory_that_is_no_run_is_named(tmp_path):
     with pytest.raises(ConfigError, match="not a run directory"):
         read_curves(tmp_path)
+
+
+def test_training_time_sums_the_logged_step_times(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"batch_size": 16}}))
+    lines = [{"step": 2, "perf/step_time_s": 0.5}, {"step": 4, "perf/step_time_s": 0.25}]  # a log every 2 steps
+    lines += [{"step": s, "train/loss": 1.0, "train/accuracy": 0.5} for s in range(1, 6)]
+    lines += [{"step": 3, "val/accuracy": 0.6}, {"step": 5, "val/accuracy": 0.7}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    curves = read_curves(run, x="time", smooth_steps=1)
+    # steps 1-2 at 0.5 s, 3-4 at 0.25 s, step 5 continues at the last rate
+    assert curves.val_accuracy == [(pytest.approx(1.25), 0.6), (pytest.approx(1.75), 0.7)]
+    assert [t for t, _ in curves.train_loss] == pytest.approx([0.5, 1.0, 1.25, 1.5, 1.75])
+    assert read_curves(run).val_accuracy == [(48, 0.6), (80, 0.7)]  # images seen, the default
+    assert plot_curves([curves], tmp_path / "t.png", x="time").is_file()
+
+
+def test_a_run_without_step_times_cannot_be_drawn_against_time(tmp_path):
+    with pytest.raises(ConfigError, match="perf/step_time_s"):
+        read_curves(_run(tmp_path), x="time")
