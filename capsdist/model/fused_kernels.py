@@ -113,7 +113,7 @@ def moments_kernel(
             dm = V - mu
             log_r = log_r + b - 0.5 * tl.sum(dm * dm * inv, axis=2)
         a = tl.load(a_ptr + ni + i, mask=n_mask, other=0.0)[:, None]
-        ra = tl.where(no_mask, tl.exp(log_r) * a, 0.0)  # (BN, BO)
+        ra = tl.exp(tl.where(no_mask, log_r, float("-inf"))) * a  # (BN, BO), 0 off the tile's edge
         D = V - shift
         t = ra[:, :, None] * D
         s0 += ra
@@ -233,7 +233,7 @@ def backward_kernel(
             log_r = tl.load(c_ptr + ni + i, mask=n_mask, other=0.0)[:, None]
             if HAS_E:
                 log_r = log_r + x
-            r = tl.where(no_mask, tl.exp(log_r), 0.0)
+            r = tl.exp(tl.where(no_mask, log_r, float("-inf")))
             a = tl.load(a_ptr + ni + i, mask=n_mask, other=0.0)
             ra = r * a[:, None]
             D = V - shift
