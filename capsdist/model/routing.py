@@ -99,9 +99,8 @@ class RoutingSettings:
 
 
 PAPER = RoutingSettings()
-# capsdist's recipe (docs/results.md): 2 iterations and an E-step temperature of 4 learn several times faster
-# and beta_a at 1000x lets the learned bias move the activation logit: at final_lambda 0.01 the last iteration's
-# lambda is ~1e-3, so an unscaled beta_a shifts the logit by ~1e-3 and is inert (+0.7 points after one epoch)
+# capsdist's recipe (docs/results.md): 2 iterations and an E-step temperature of 4 learn faster, and beta_a at
+# 1000x makes the learned bias move the activation logit (the last lambda is ~1e-3: unscaled, beta_a is inert)
 RECIPE = dataclasses.replace(PAPER, iterations=2, estep_temperature=4.0, beta_a_scale=1000.0)
 
 
