@@ -50,7 +50,9 @@ def _route_and_grads(seed: int):
 def test_tile_sizes_do_not_change_results(monkeypatch):
     """Tiles smaller than the problem: masked edges, several parent blocks adding into one gradient row."""
     outputs, grads = _route_and_grads(0)
-    small = fused_votes.Blocks(n=2, o=2, i=3, lse_rows=8)
+    small = fused_votes.Blocks(
+        moments=fused_votes.Tile(2, 2, 4), lse=fused_votes.LseTile(8, 3, 4), backward=fused_votes.Tile(2, 2, 4)
+    )
     monkeypatch.setattr(fused_votes, "INTERPRETER_BLOCKS", small)
     monkeypatch.setattr(fused_votes, "GPU_BLOCKS", small)
     small_outputs, small_grads = _route_and_grads(0)

@@ -22,6 +22,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# no specialisation on the sizes' divisibility by 16: one compiled kernel per constexpr set, whatever the batch
+SIZES = ("N", "I", "O")
+
 
 @triton.jit
 def _tile(n_idx, o_idx, N, I, O):
@@ -75,7 +78,7 @@ def _votes(M_ptr, W_ptr, C_ptr, m_base, m_mask, w_base, w_mask, i, O, HAS_C: tl.
     return V
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def moments_kernel(
     M_ptr,
     W_ptr,
@@ -124,7 +127,7 @@ def moments_kernel(
     tl.store(S2_ptr + no_h, s2, mask=mask3)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def lse_kernel(
     M_ptr,
     W_ptr,
@@ -162,7 +165,7 @@ def lse_kernel(
         tl.store(X_ptr + ni + i, X, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def backward_kernel(
     M_ptr,
     W_ptr,

@@ -28,18 +28,41 @@ from capsdist.model import fused_kernels as K
 from capsdist.model.routing import LOG_2PI, P, Normaliser, Parents, VoteFactors, assignment_entropy, fully_connected
 
 
+class Tile(NamedTuple):
+    """moments_kernel's or backward_kernel's program: BN problems x BO parents x 16 pose entries (powers of 2)."""
+
+    n: int  # routing problems per program (BN)
+    o: int  # parents per program (BO)
+    warps: int  # num_warps
+
+
+class LseTile(NamedTuple):
+    """lse_kernel's program: every parent at once (BO = next_power_of_2(O)), BN = rows // BO problems."""
+
+    rows: int  # problems x parents per program
+    i: int  # children per program, one after another (BI)
+    warps: int  # num_warps
+
+
 class Blocks(NamedTuple):
-    """Tile sizes (powers of 2). A tile of BN problems x BO parents x 16 pose entries lives in registers; the
-    interpreter runs programs one after another, so there fewer, larger tiles are faster."""
+    """Each kernel's tile, which lives in registers. The interpreter runs programs one after another, so there
+    fewer, larger tiles are faster."""
 
-    n: int  # routing problems per program
-    o: int  # parents per program (moments and backward; lse takes all O at once)
-    i: int  # children per program (lse)
-    lse_rows: int  # problems x parents per lse program (its BN = lse_rows // next_power_of_2(O))
+    moments: Tile
+    lse: LseTile
+    backward: Tile
 
 
-GPU_BLOCKS = Blocks(n=8, o=8, i=16, lse_rows=128)
-INTERPRETER_BLOCKS = Blocks(n=64, o=32, i=64, lse_rows=2048)
+GPU_BLOCKS = Blocks(moments=Tile(8, 8, 4), lse=LseTile(128, 16, 4), backward=Tile(8, 8, 4))
+INTERPRETER_BLOCKS = Blocks(moments=Tile(64, 32, 4), lse=LseTile(2048, 64, 4), backward=Tile(64, 32, 4))
+
+
+class Launch(NamedTuple):
+    """One kernel launch: its grid, constexpr arguments and num_warps."""
+
+    grid: tuple[int, int]
+    constexprs: dict
+    warps: int
 
 
 def interpreter_enabled() -> bool:
@@ -47,11 +70,32 @@ def interpreter_enabled() -> bool:
     return isinstance(K.moments_kernel, InterpretedFunction)
 
 
-def _blocks(N: int, O: int, I: int) -> Blocks:
-    """The tile sizes for N problems, O parents and I children, clamped to them."""
-    b = INTERPRETER_BLOCKS if interpreter_enabled() else GPU_BLOCKS
-    n, o = triton.next_power_of_2(N), triton.next_power_of_2(O)
-    return Blocks(n=min(b.n, n), o=min(b.o, o), i=min(b.i, I), lse_rows=max(1, min(b.lse_rows // o, n)))
+def _blocks() -> Blocks:
+    return INTERPRETER_BLOCKS if interpreter_enabled() else GPU_BLOCKS
+
+
+def _problems_by_parents(tile: Tile, N: int, O: int, **flags) -> Launch:
+    """A launch over (N / BN, O / BO) programs, the tile clamped to N problems and O parents."""
+    bn, bo = min(tile.n, triton.next_power_of_2(N)), min(tile.o, triton.next_power_of_2(O))
+    return Launch((triton.cdiv(N, bn), triton.cdiv(O, bo)), dict(**flags, BN=bn, BO=bo), tile.warps)
+
+
+def moments_launch(N: int, I: int, O: int, *, has_c: bool, has_e: bool) -> Launch:
+    """moments_kernel for N problems, I children, O parents, with coordinates (offsets) and E-step terms or not."""
+    return _problems_by_parents(_blocks().moments, N, O, HAS_C=has_c, HAS_E=has_e)
+
+
+def lse_launch(N: int, I: int, O: int, *, has_c: bool) -> Launch:
+    """lse_kernel for N problems, I children, O parents, with coordinates or not."""
+    tile = _blocks().lse
+    bo = triton.next_power_of_2(O)
+    bn, bi = max(1, min(tile.rows // bo, triton.next_power_of_2(N))), min(tile.i, I)
+    return Launch((triton.cdiv(N, bn), triton.cdiv(I, bi)), dict(HAS_C=has_c, BN=bn, BO=bo, BI=bi), tile.warps)
+
+
+def backward_launch(N: int, I: int, O: int, *, has_c: bool, has_e: bool, lse: bool) -> Launch:
+    """backward_kernel of moments_kernel (lse false) or of lse_kernel (lse true, has_e true)."""
+    return _problems_by_parents(_blocks().backward, N, O, HAS_C=has_c, HAS_E=has_e, LSE=lse)
 
 
 class EStepTerms(NamedTuple):
@@ -77,9 +121,9 @@ class FusedMoments(Function):
         has_e = mu is not None
         S0 = M.new_empty(N, O)
         S1, S2 = M.new_empty(N, O, P), M.new_empty(N, O, P)
-        bn, bo = _blocks(N, O, I)[:2]
+        launch = moments_launch(N, I, O, has_c=offsets is not None, has_e=has_e)
         e = (mu, inv, b) if has_e else (shift, shift, shift)  # unused pointers when not has_e
-        K.moments_kernel[(triton.cdiv(N, bn), triton.cdiv(O, bo))](
+        K.moments_kernel[launch.grid](
             M,
             W,
             offsets if offsets is not None else M,
@@ -93,10 +137,8 @@ class FusedMoments(Function):
             N,
             I,
             O,
-            HAS_C=offsets is not None,
-            HAS_E=has_e,
-            BN=bn,
-            BO=bo,
+            **launch.constexprs,
+            num_warps=launch.warps,
         )
         ctx.save_for_backward(M, W, offsets, *e, c, a, shift)
         ctx.has_e = has_e
@@ -123,8 +165,8 @@ class FusedLSE(Function):
         N, I, _ = M.shape
         O = W.shape[1]
         L, X = M.new_empty(N, I), M.new_empty(N, I)
-        _, _, bi, bn = _blocks(N, O, I)
-        K.lse_kernel[(triton.cdiv(N, bn), triton.cdiv(I, bi))](
+        launch = lse_launch(N, I, O, has_c=offsets is not None)
+        K.lse_kernel[launch.grid](
             M,
             W,
             offsets if offsets is not None else M,
@@ -136,10 +178,8 @@ class FusedLSE(Function):
             N,
             I,
             O,
-            HAS_C=offsets is not None,
-            BN=bn,
-            BO=triton.next_power_of_2(O),
-            BI=bi,
+            **launch.constexprs,
+            num_warps=launch.warps,
         )
         ctx.save_for_backward(M, W, offsets, mu, inv, b, L)
         ctx.mark_non_differentiable(X)
@@ -161,12 +201,12 @@ def _backward(M, W, offsets, mu, inv, b, *, has_e, c=None, a=None, shift=None, g
     gM, gW = torch.zeros_like(M), torch.zeros_like(W)
     gmu, ginv, gb = torch.zeros_like(mu), torch.zeros_like(inv), torch.zeros_like(b)
     gc, ga = M.new_zeros(N, I), M.new_zeros(N, I)
-    bn, bo = _blocks(N, O, I)[:2]
+    launch = backward_launch(N, I, O, has_c=offsets is not None, has_e=has_e, lse=lse)
 
     def given(x):  # a valid pointer for arguments the chosen mode never reads
         return x if x is not None else M
 
-    K.backward_kernel[(triton.cdiv(N, bn), triton.cdiv(O, bo))](
+    K.backward_kernel[launch.grid](
         M,
         W,
         given(offsets),
@@ -189,11 +229,8 @@ def _backward(M, W, offsets, mu, inv, b, *, has_e, c=None, a=None, shift=None, g
         N,
         I,
         O,
-        HAS_C=offsets is not None,
-        HAS_E=has_e,
-        LSE=lse,
-        BN=bn,
-        BO=bo,
+        **launch.constexprs,
+        num_warps=launch.warps,
     )
     return gM, gW, gmu, ginv, gb, gc, ga
 
