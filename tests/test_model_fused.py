@@ -47,11 +47,20 @@ def _route_and_grads(seed: int):
     return [res.poses, res.a_out, res.entropy], torch.autograd.grad(loss, leaves)
 
 
-def test_tile_sizes_do_not_change_results(monkeypatch):
+@pytest.mark.parametrize(
+    "moments,backward",
+    [
+        pytest.param((2, 2), (2, 2), id="2x2"),
+        # one problem or one parent per program, as a batch of one image gives the class layer
+        pytest.param((1, 4), (1, 4), id="one-problem"),
+        pytest.param((4, 1), (4, 1), id="one-parent"),
+    ],
+)
+def test_tile_sizes_do_not_change_results(monkeypatch, moments, backward):
     """Tiles smaller than the problem: masked edges, several parent blocks adding into one gradient row."""
     outputs, grads = _route_and_grads(0)
     small = fused_votes.Blocks(
-        moments=fused_votes.Tile(2, 2, 4), lse=fused_votes.LseTile(8, 3, 4), backward=fused_votes.Tile(2, 2, 4)
+        moments=fused_votes.Tile(*moments, 4), lse=fused_votes.LseTile(8, 3, 4), backward=fused_votes.Tile(*backward, 4)
     )
     monkeypatch.setattr(fused_votes, "INTERPRETER_BLOCKS", small)
     monkeypatch.setattr(fused_votes, "GPU_BLOCKS", small)

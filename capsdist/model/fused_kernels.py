@@ -212,6 +212,9 @@ def backward_kernel(
     q = tl.arange(0, 4)
     gm_base = n_idx[:, None] * (I * 16) + q[None, :] * 4  # (BN, 4): offsets of gM[n, 0, r, 0]
     gw_base = o_idx[:, None] * 16 + q[None, :]  # (BO, 4): offsets of gW[0, o, 0, d]
+    # the atomics' masks in full shape: Triton's interpreter applies a broadcast (1, 1) mask to one element only
+    gm_mask = gm_base < N * (I * 16)  # n < N
+    gw_mask = gw_base < O * 16  # o < O
     if HAS_E:
         mu, inv, b = _load_e(mu_ptr, inv_ptr, b_ptr, no, no_mask, no_h, mask3)
         gmu = tl.zeros((BN, BO, 16), dtype=tl.float32)
@@ -256,9 +259,9 @@ def backward_kernel(
             w = tl.load(W_ptr + w_row + w_base + c * 4, mask=w_mask, other=0.0)  # (1, BO, 16): W[i, o, c, d]
             m = tl.load(M_ptr + m_row + m_base + c, mask=m_mask, other=0.0)  # (BN, 1, 16): M[n, i, r, c]
             gm = tl.sum(tl.reshape(tl.sum(dV * w, axis=1), (BN, 4, 4)), axis=2)  # (BN, 4 r): sum over o, d
-            tl.atomic_add(gM_ptr + m_row + gm_base + c, gm, mask=n_mask[:, None])
+            tl.atomic_add(gM_ptr + m_row + gm_base + c, gm, mask=gm_mask)
             gw = tl.sum(tl.reshape(tl.sum(dV * m, axis=0), (BO, 4, 4)), axis=1)  # (BO, 4 d): sum over n, r
-            tl.atomic_add(gW_ptr + w_row + gw_base + c * 4, gw, mask=o_mask[:, None])
+            tl.atomic_add(gW_ptr + w_row + gw_base + c * 4, gw, mask=gw_mask)
     if HAS_E:
         tl.store(gmu_ptr + no_h, gmu, mask=mask3)
         tl.store(ginv_ptr + no_h, ginv, mask=mask3)
