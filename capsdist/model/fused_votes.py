@@ -45,7 +45,9 @@ class LseTile(NamedTuple):
 
 
 class Blocks(NamedTuple):
-    """Each kernel's tile, which lives in registers. The interpreter runs programs one after another, so there
+    """Each kernel's tile, which lives in registers. On the GPU: the tile area the design counts on (8 x 8 problems x
+    parents, lse 128), with no register spill on sm_80 and sm_90 and the most warps per SM among the candidates
+    (docs/benchmarks.md, tests/gpu/kernels.py). The interpreter runs programs one after another, so there
     fewer, larger tiles are faster."""
 
     moments: Tile
@@ -53,7 +55,7 @@ class Blocks(NamedTuple):
     backward: Tile
 
 
-GPU_BLOCKS = Blocks(moments=Tile(8, 8, 4), lse=LseTile(128, 16, 4), backward=Tile(8, 8, 4))
+GPU_BLOCKS = Blocks(moments=Tile(8, 8, 8), lse=LseTile(128, 16, 8), backward=Tile(8, 8, 8))
 INTERPRETER_BLOCKS = Blocks(moments=Tile(64, 32, 4), lse=LseTile(2048, 64, 4), backward=Tile(64, 32, 4))
 
 
