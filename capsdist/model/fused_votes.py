@@ -25,7 +25,16 @@ from torch.autograd import Function
 from triton.runtime.interpreter import InterpretedFunction
 
 from capsdist.model import fused_kernels as K
-from capsdist.model.routing import LOG_2PI, P, Normaliser, Parents, VoteFactors, assignment_entropy, fully_connected
+from capsdist.model.routing import (
+    LOG_2PI,
+    P,
+    Normaliser,
+    Parents,
+    VoteFactors,
+    assignment_entropy,
+    centre_weights,
+    fully_connected,
+)
 
 
 class Tile(NamedTuple):
@@ -273,8 +282,7 @@ class FusedVotes:
         with torch.no_grad():
             N, I, _ = M.shape
             O = W.shape[1]
-            total = a_in.sum(dim=1, keepdim=True)  # (N', 1)
-            weights = torch.where(total > 0, a_in / total.clamp_min(1e-30), 1.0 / I)  # (N', I)
+            weights = centre_weights(a_in)  # (N', I)
             Mw = (M * weights.unsqueeze(-1)).view(N, I, 4, 4).transpose(1, 2).reshape(N * 4, I * 4)  # [n r, i c]
             Wi = W.view(I, O, 4, 4).permute(0, 2, 1, 3).reshape(I * 4, O * 4)  # [i c, o d]
             centre = (Mw @ Wi).view(N, 4, O, 4).permute(0, 2, 1, 3).reshape(N, O, P)

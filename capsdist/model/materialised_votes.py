@@ -23,6 +23,7 @@ from capsdist.model.routing import (
     RoutingSettings,
     VoteFactors,
     assignment_entropy,
+    centre_weights,
     fully_connected,
     route,
     routing_dtype,
@@ -70,12 +71,11 @@ class MaterialisedVotes:
         return cls(materialise(factors), normaliser)
 
     def centre(self, a_in: torch.Tensor) -> torch.Tensor:
-        """The a_in-weighted mean vote (N', O, P), so inactive children's votes, however far, cannot move it;
-        builds VV about it. No gradient flows through it (routing is translation-equivariant)."""
+        """The a_in-weighted mean vote (N', O, P) (routing.centre_weights); builds VV about it. No gradient flows
+        through it (routing is translation-equivariant)."""
         V, dtype = self.V, self.dtype
         with torch.no_grad():
-            total = a_in.sum(dim=1, keepdim=True)  # (N', 1)
-            weights = torch.where(total > 0, a_in / total.clamp_min(1e-30), 1.0 / self.children)  # (N', I)
+            weights = centre_weights(a_in)  # (N', I)
             centre = torch.einsum("ni,noip->nop", weights, V.to(dtype) if V.dtype != dtype else V)  # (N', O, P)
         self.VV = routed_votes(V, centre)  # VV = [V - centre, (V - centre)^2] (N', O, I, 2P), gradient fused
         return centre

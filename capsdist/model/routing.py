@@ -166,6 +166,13 @@ def inverse_temperatures(iterations: int, final_lambda: float) -> list[float]:
     return [final_lambda * (1.0 - 0.95 ** (t + 1)) for t in range(iterations)]
 
 
+def centre_weights(a_in: torch.Tensor) -> torch.Tensor:
+    """a_in (N', I) -> the weights (N', I) of the origin, the a_in-weighted mean vote (`Votes.centre`): inactive
+    children's votes, however far, cannot move it; uniform where no child is active."""
+    total = a_in.sum(dim=1, keepdim=True)  # (N', 1)
+    return torch.where(total > 0, a_in / total.clamp_min(1e-30), 1.0 / a_in.shape[1])
+
+
 @torch.no_grad()
 def assignment_entropy(L: torch.Tensor, log_z: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """sum over a window's parents of -R log R, (N', I), for R_noi = exp(x_noi - log_z_ni), from the window's
