@@ -2,6 +2,7 @@
 Where there is no CUDA device, Triton's interpreter (set before capsdist imports Triton): the fused routing
 kernels' tests then run on the CPU, on small shapes."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -67,18 +68,32 @@ def tiny_config(tiny_shards, tmp_path) -> Path:
 
 @pytest.fixture
 def route_calls(monkeypatch) -> list[dict]:
-    """Every call the capsule layers make to routing during the test, in order: {"V", "a_in", "log_R0",
-    "settings", "result"} (the votes, child activations, initial log assignments, RoutingSettings and
-    RoutingResult of the call)."""
+    """Every call the capsule layers make to routing during the test, in order: {"votes", "a_in", "log_R0",
+    "settings", "result"} (the votes backend, child activations, initial log assignments (N', I), RoutingSettings
+    and RoutingResult of the call)."""
     import capsdist.model.layers as layers
 
     calls: list[dict] = []
     original = layers.route
 
-    def recording_route(V, a_in, beta_u, beta_a, log_R0, normalise, settings):
-        result = original(V, a_in, beta_u, beta_a, log_R0, normalise, settings)
-        calls.append({"V": V, "a_in": a_in, "log_R0": log_R0, "settings": settings, "result": result})
+    def recording_route(votes, a_in, beta_u, beta_a, log_R0, settings):
+        result = original(votes, a_in, beta_u, beta_a, log_R0, settings)
+        calls.append({"votes": votes, "a_in": a_in, "log_R0": log_R0, "settings": settings, "result": result})
         return result
 
     monkeypatch.setattr(layers, "route", recording_route)
     return calls
+
+
+@pytest.fixture(
+    params=[
+        "torch",
+        pytest.param(
+            "triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+        ),
+    ]
+)
+def routing_impl(request) -> str:
+    """Each votes backend in turn (model.routing_impl): materialised (torch) and fused (triton, on CUDA where
+    there is one, else in Triton's interpreter)."""
+    return request.param

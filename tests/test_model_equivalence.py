@@ -6,9 +6,10 @@ Two comparisons per layer:
   gradients, atol 2e-5 x the tensor's largest entry: the float32 layer is accurate. (Measured: errors are
   <= 5e-6 of each tensor's scale; single small gradient entries can be off by 1e-3 of themselves, because
   EM's large costs, lambda * sum_Ra * log sigma, amplify float32 rounding.)
-Both routing implementations are checked: `torch` (routing.py) in float64 and float32, and the fused Triton
-kernels (`triton`, fused_routing.py, float32 only) on CUDA where there is one, else in Triton's interpreter on
-the CPU (tests/conftest.py sets TRITON_INTERPRET=1 when there is no CUDA device).
+Both votes backends of the one routing loop (routing.route) are checked: materialised votes (`torch`,
+materialised_votes.py) in float64 and float32, and the fused Triton kernels (`triton`, fused_votes.py, float32
+only) on CUDA where there is one, else in Triton's interpreter on the CPU (tests/conftest.py sets
+TRITON_INTERPRET=1 when there is no CUDA device).
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ import importlib.util
 import pytest
 import torch
 
+from capsdist.model import em_routing
 from capsdist.model.layers import ClassCaps, ConvCaps
+from capsdist.model.materialised_votes import materialise
 from capsdist.model.routing import RoutingSettings
-from capsdist.model.routing import em_routing
 from reference_routing import reference_class_caps, reference_conv_caps, reference_em_routing
 
 
@@ -29,7 +31,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 ITERATIONS = 3
-IMPLS = [  # (routing implementation, dtype)
+IMPLS = [  # (votes backend by model.routing_impl, dtype)
     pytest.param("torch", torch.float64, id="torch-f64"),
     pytest.param("torch", torch.float32, id="torch-f32"),
     pytest.param(
@@ -182,7 +184,7 @@ def test_classcaps_coordinate_addition_is_exactly_the_centre_offsets():
     poses[:, :, 1] = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1)
     poses[:, :, 2] = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w)
     poses[:, :, 5] = 0.25  # an entry coordinate addition must leave alone
-    V = layer.votes(poses).reshape(1, o, t * h * w, 16)
+    V = materialise(layer.factors(poses)).reshape(1, o, t * h * w, 16)
     ty, r, c = (V[..., k].round().long() for k in (0, 1, 2))
     for j in range(o):  # every child exactly once per class
         assert sorted(zip(ty[0, j].tolist(), r[0, j].tolist(), c[0, j].tolist())) == [
@@ -191,7 +193,7 @@ def test_classcaps_coordinate_addition_is_exactly_the_centre_offsets():
     torch.testing.assert_close(V[..., 3], (8.0 * r + 9.5) / 28, rtol=0, atol=1e-6)
     torch.testing.assert_close(V[..., 7], (8.0 * c + 9.5) / 28, rtol=0, atol=1e-6)
     layer.coord_add = False
-    plain = layer.votes(poses).reshape(1, o, t * h * w, 16)
+    plain = materialise(layer.factors(poses)).reshape(1, o, t * h * w, 16)
     others = [k for k in range(16) if k not in (3, 7)]
     torch.testing.assert_close(V[..., others], plain[..., others], rtol=0, atol=0)  # nothing else moves
     assert (plain[..., 5] == 0.25).all()

@@ -1,6 +1,6 @@
-"""The fused routing path (capsdist/model/fused_routing.py) beyond its equivalence with the reference
+"""The fused votes backend (capsdist/model/fused_votes.py) beyond its equivalence with the reference
 (tests/test_model_equivalence.py): every routing setting, tile sizes, routing statistics, and when it is used.
-The fused path runs on CUDA where there is one (tests/gpu/check.sh), else in Triton's interpreter on the CPU
+It runs on CUDA where there is one (tests/gpu/check.sh), else in Triton's interpreter on the CPU
 (tests/conftest.py)."""
 
 from __future__ import annotations
@@ -16,42 +16,54 @@ pytest.importorskip("triton")
 from capsdist.config import load_config  # noqa: E402
 from capsdist.errors import ConfigError  # noqa: E402
 from capsdist.loss import spread_loss  # noqa: E402
-from capsdist.model import CapsNet, RoutingSettings, fused_routing, layers  # noqa: E402
+from capsdist.model import CapsNet, RoutingSettings, fused_votes, layers  # noqa: E402
 from capsdist.model.layers import ConvCaps  # noqa: E402
+from capsdist.model.routing import VoteFactors, route  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _route_and_grads(seed: int):
-    """fused_route on random inputs with coordinate offsets (N' 5, I 7, O 5): outputs and the gradients of a
-    random functional with respect to M, W, a_in, beta_u, beta_a."""
+    """routing.route over fused votes on random inputs with per-child transforms and coordinate offsets (N' 5, I 7,
+    O 5): outputs and the gradients of a random functional with respect to M, W, a_in, beta_u, beta_a."""
     g = torch.Generator().manual_seed(seed)
     N, I, O = 5, 7, 5
     leaves = [
-        torch.randn(N, I, 16, generator=g),
-        torch.randn(I, O, 16, generator=g) * 0.5,
+        torch.randn(I, N, 1, 16, generator=g),
+        torch.randn(I, O, 4, 4, generator=g) * 0.5,
         torch.rand(N, I, generator=g),
         torch.randn(O, generator=g) * 0.3,
         torch.randn(O, generator=g) * 0.3,
     ]
     leaves = [x.to(DEVICE).requires_grad_() for x in leaves]
     M, W, a, bu, ba = leaves
-    offsets = (torch.randn(I, 16, generator=g) * 0.1).to(DEVICE)
+    offsets = (torch.randn(I, 1, 16, generator=g) * 0.1).to(DEVICE)
     settings = RoutingSettings(2, final_lambda=0.05, alpha=0.1)
     log_R0 = torch.full((N, I), -math.log(O), device=DEVICE)
-    res = fused_routing.fused_route(M, W, offsets, a, bu, ba, log_R0, lambda L: L, settings)
+    res = route(fused_votes.FusedVotes.from_factors(VoteFactors(M, W, offsets)), a, bu, ba, log_R0, settings)
     weights = torch.randn(res.poses.shape, generator=g).to(DEVICE)
     loss = (res.poses * weights).sum() + (res.a_out * torch.arange(O, device=DEVICE)).sum()
     return [res.poses, res.a_out, res.entropy], torch.autograd.grad(loss, leaves)
 
 
-def test_tile_sizes_do_not_change_results(monkeypatch):
+@pytest.mark.parametrize(
+    "moments,backward",
+    [
+        pytest.param((2, 2), (2, 2), id="2x2"),
+        # one problem or one parent per program, as a batch of one image gives the class layer
+        pytest.param((1, 4), (1, 4), id="one-problem"),
+        pytest.param((4, 1), (4, 1), id="one-parent"),
+    ],
+)
+def test_tile_sizes_do_not_change_results(monkeypatch, moments, backward):
     """Tiles smaller than the problem: masked edges, several parent blocks adding into one gradient row."""
     outputs, grads = _route_and_grads(0)
-    small = fused_routing.Blocks(n=2, o=2, i=3, lse_rows=8)
-    monkeypatch.setattr(fused_routing, "INTERPRETER_BLOCKS", small)
-    monkeypatch.setattr(fused_routing, "GPU_BLOCKS", small)
+    small = fused_votes.Blocks(
+        moments=fused_votes.Tile(*moments, 4), lse=fused_votes.LseTile(8, 3, 4), backward=fused_votes.Tile(*backward, 4)
+    )
+    monkeypatch.setattr(fused_votes, "INTERPRETER_BLOCKS", small)
+    monkeypatch.setattr(fused_votes, "GPU_BLOCKS", small)
     small_outputs, small_grads = _route_and_grads(0)
     for a, b in zip(outputs + list(grads), small_outputs + list(small_grads)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -116,8 +128,8 @@ def test_auto_is_torch_until_the_gpu_check_passes_and_triton_needs_cuda_or_the_i
     assert not layer.uses_fused(cuda)
     layer.routing_impl = "triton"
     assert layer.uses_fused(cuda)
-    assert layer.uses_fused(cpu) == fused_routing.interpreter_enabled()  # on where there is no CUDA (conftest.py)
-    monkeypatch.setattr(fused_routing, "interpreter_enabled", lambda: False)
+    assert layer.uses_fused(cpu) == fused_votes.interpreter_enabled()  # on where there is no CUDA (conftest.py)
+    monkeypatch.setattr(fused_votes, "interpreter_enabled", lambda: False)
     with pytest.raises(ConfigError, match="model.routing_impl: triton runs on CUDA"):
         layer.uses_fused(cpu)
     with pytest.raises(ValueError, match="routing_impl must be one of"):

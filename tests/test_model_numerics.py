@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capsdist.model import CapsNet
+from capsdist.model import CapsNet, em_routing
 from capsdist.model.layers import ClassCaps, ConvCaps
 from capsdist.model.routing import RoutingSettings
-from capsdist.model.routing import em_routing
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -158,10 +157,10 @@ def test_bfloat16_autocast_forward_backward(route_calls):
     assert acts.dtype == torch.float32 and poses.dtype == torch.float32
     assert torch.isfinite(acts).all() and torch.isfinite(poses).all()
     assert len(route_calls) == 3  # ConvCaps1, ConvCaps2, ClassCaps
-    assert route_calls[0]["V"].dtype == torch.bfloat16  # the vote products did run in bfloat16 ...
+    assert route_calls[0]["votes"].V.dtype == torch.bfloat16  # the vote products did run in bfloat16 ...
     for call in route_calls:  # ... and routing ran in float32
         r = call["result"]
-        assert r.poses.dtype == r.a_out.dtype == r.log_R.dtype == torch.float32
+        assert r.poses.dtype == r.a_out.dtype == r.assignments.dtype == r.entropy.dtype == torch.float32
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32, name
         assert torch.isfinite(p.grad).all(), name
@@ -179,9 +178,9 @@ def test_bfloat16_autocast_initial_assignments_are_float32_exact(route_calls):
     for call in route_calls:
         assert call["log_R0"].dtype == torch.float32
     # ConvCaps1 (12x12 children, 3x3 windows, stride 2): R0 summed over all parents and windows is 1
-    R0 = route_calls[0]["log_R0"].float().exp()  # (N', O, I)
     layer = model.conv_caps1
+    R0 = route_calls[0]["log_R0"].float().exp()  # (N', I), the same for each of the O parents
     n, t, h = 1, layer.in_types, 12
-    per_window = R0.sum(1).view(n, 5 * 5, 9, t).permute(0, 3, 2, 1).reshape(n, t * 9, 25)
+    per_window = (layer.out_types * R0).view(n, 5 * 5, 9, t).permute(0, 3, 2, 1).reshape(n, t * 9, 25)
     per_child = F.fold(per_window, (h, h), 3, stride=2)
     torch.testing.assert_close(per_child[..., :11, :11], torch.ones_like(per_child[..., :11, :11]), rtol=0, atol=1e-5)

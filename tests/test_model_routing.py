@@ -1,14 +1,17 @@
-"""Properties of EM routing (capsdist.model.routing.em_routing) and of the ConvCaps assignments (Gritzman's
-pitfall 3)."""
+"""Properties of EM routing: of em_routing over given votes, of routing.route over the factors of the votes on
+each backend (materialised and fused), and of the ConvCaps assignments on each backend (Gritzman's pitfall 3)."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
+from capsdist.model import em_routing
 from capsdist.model.layers import ClassCaps, ConvCaps
-from capsdist.model.routing import RoutingSettings
-from capsdist.model.routing import em_routing
+from capsdist.model.materialised_votes import MaterialisedVotes
+from capsdist.model.routing import RoutingSettings, VoteFactors, route
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -151,6 +154,92 @@ def test_more_iterations_change_the_result():
     assert not torch.allclose(one[0], three[0], atol=1e-4)
 
 
+# ------------------------------------------------------------------------- route over factors, each backend
+
+
+def _device(routing_impl):
+    """Where a backend runs: the fused one on CUDA where there is one (else Triton's interpreter, conftest.py)."""
+    return torch.device("cuda" if routing_impl == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def _factors(seed, n=3, i=8, o=4):
+    """A routing problem as vote factors (one group per child: M (I, N', 1, 16), W (I, O, 4, 4), offsets),
+    with a_in (N', I), beta_u and beta_a (O,)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = VoteFactors(
+        torch.randn(i, n, 1, 16, generator=g),
+        torch.randn(i, o, 4, 4, generator=g) * 0.5,
+        torch.randn(i, 1, 16, generator=g) * 0.5,
+    )
+    a_in = torch.rand(n, i, generator=g) * 0.8 + 0.1
+    return factors, a_in, torch.randn(o, generator=g) * 0.5, torch.randn(o, generator=g) * 0.5
+
+
+def _route_factors(routing_impl, factors, a_in, beta_u, beta_a, **settings):
+    """routing.route on the backend `routing_impl`, uniform initial assignments -> poses (N', O, P), a_out (N', O)."""
+    if routing_impl == "torch":
+        backend = MaterialisedVotes
+    else:
+        from capsdist.model.fused_votes import FusedVotes as backend
+    device = _device(routing_impl)
+    factors = VoteFactors(*(None if x is None else x.to(device) for x in factors))
+    n, i, o = a_in.shape + factors.W.shape[1:2]
+    log_R0 = torch.full((n, i), -math.log(o), device=device)
+    votes = backend.from_factors(factors)
+    result = route(votes, a_in.to(device), beta_u.to(device), beta_a.to(device), log_R0, RoutingSettings(**settings))
+    return result.poses.cpu(), result.a_out.cpu()
+
+
+def test_backends_identical_votes_give_that_pose(routing_impl):
+    """Every child votes pose_n for parent 1 (identity transforms, no offsets, the same child poses): its pose is
+    pose_n."""
+    factors, a_in, beta_u, beta_a = _factors(1, n=4, i=10, o=3)
+    M, W, _ = factors
+    M = torch.randn(1, 4, 1, 16, generator=torch.Generator().manual_seed(11)).expand_as(M) * 3.0 + 1.0
+    W = W.clone()
+    W[:, 1] = torch.eye(4)
+    poses, _ = _route_factors(routing_impl, VoteFactors(M, W, None), a_in, beta_u, beta_a, iterations=3, alpha=0.1)
+    torch.testing.assert_close(poses[:, 1], M[0, :, 0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(poses[:, 0], M[0, :, 0], atol=1e-2)  # the other parents are not that pose
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # the interpreter's: no exp may overflow, even off the tiles
+def test_backends_zero_activation_children_with_far_votes_have_no_influence(routing_impl):
+    factors, a_in, beta_u, beta_a = _factors(2, n=4, i=12, o=3)
+    a_in[:, :4] = 0.0
+    ref = _route_factors(routing_impl, factors, a_in, beta_u, beta_a, iterations=3)
+    M = factors.M.clone()
+    M[:4] = 300.0 + torch.randn(4, 4, 1, 16, generator=torch.Generator().manual_seed(12))
+    out = _route_factors(routing_impl, factors._replace(M=M), a_in, beta_u, beta_a, iterations=3)
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, rtol=1e-4, atol=1e-4)
+    a_in[:, :4] = 0.9  # ... and the same children do matter when they are active (the test can fail)
+    moved = _route_factors(routing_impl, factors._replace(M=M), a_in, beta_u, beta_a, iterations=3)
+    assert not torch.allclose(moved[0], ref[0], atol=1e-2)
+
+
+def test_backends_permuting_children_leaves_outputs_unchanged(routing_impl):
+    factors, a_in, beta_u, beta_a = _factors(3, n=3, i=9, o=4)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(13))
+    ref = _route_factors(routing_impl, factors, a_in, beta_u, beta_a, iterations=3)
+    permuted = VoteFactors(*(x[perm] for x in factors))
+    out = _route_factors(routing_impl, permuted, a_in[:, perm], beta_u, beta_a, iterations=3)
+    for r, o in zip(ref, out):
+        torch.testing.assert_close(o, r, rtol=1e-5, atol=1e-5)
+    moved = _route_factors(routing_impl, permuted, a_in, beta_u, beta_a, iterations=3)  # activations left behind
+    assert not torch.allclose(moved[0], ref[0], atol=1e-3)
+
+
+def test_backends_permuting_parent_types_permutes_outputs(routing_impl):
+    factors, a_in, beta_u, beta_a = _factors(4, n=3, i=9, o=4)
+    perm = torch.tensor([2, 0, 3, 1])
+    poses, a_out = _route_factors(routing_impl, factors, a_in, beta_u, beta_a, iterations=3)
+    permuted = factors._replace(W=factors.W[:, perm])
+    p_poses, p_a = _route_factors(routing_impl, permuted, a_in, beta_u[perm], beta_a[perm], iterations=3)
+    torch.testing.assert_close(p_poses, poses[:, perm], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_a, a_out[:, perm], rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ ConvCaps R
 
 
@@ -173,15 +262,34 @@ def _child_index(layer_cls_args, n, t, h, w, route_calls):
     with torch.no_grad():
         probe.weight.copy_(torch.eye(4).expand_as(probe.weight))  # vote = M @ I = M
     probe(_code_poses(n, t, h, w), torch.full((n, t, h, w), 0.5))
-    V = route_calls[-1]["V"]
+    V = route_calls[-1]["votes"].V
     V = V.reshape(*V.shape[:3], 16)[:, 0]  # (N', I, 16), parent type 0 (all types get the same vote)
     b, ty, r, c = (V[..., k].round().long() for k in (0, 1, 2, 4))
     return ((b * t + ty) * h + r) * w + c, (b, ty, r, c)
 
 
+def _log_assignments(call) -> torch.Tensor:
+    """log R (N', O, I) of a recorded routing call: the materialised backend's own, or rebuilt from the fused
+    backend's E-step terms and votes, log R = c + b - 1/2 sum_h (V - mu)^2 inv (fused_votes.FusedAssignments)."""
+    assignments, votes = call["result"].assignments, call["votes"]
+    if isinstance(assignments, torch.Tensor):
+        return assignments.cpu()
+    terms, c = assignments
+    N, I, _ = votes.M.shape
+    O = votes.W.shape[1]
+    if terms is None:
+        return c.unsqueeze(1).expand(-1, O, -1).cpu()
+    V = torch.einsum("nirc,iocd->noird", votes.M.view(N, I, 4, 4), votes.W.view(I, O, 4, 4)).reshape(N, O, I, 16)
+    if votes.offsets is not None:
+        V = V + votes.offsets
+    mu, inv, b = terms
+    x = b.unsqueeze(-1) - 0.5 * ((V - mu.unsqueeze(2)) ** 2 * inv.unsqueeze(2)).sum(-1)
+    return (x + c.unsqueeze(1)).detach().cpu()
+
+
 @pytest.mark.parametrize("size,kernel,stride", [(14, 3, 2), (6, 3, 1), (7, 3, 2)])
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, iterations, route_calls):
+def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, iterations, route_calls, routing_impl):
     """Pitfall 3: after routing, each child's R summed over every parent of every window that holds it is 1
     (iterations 1: the uniform initial R; 3: R from an E-step); children in no window have none."""
     n, t, o = 2, 3, 4
@@ -199,15 +307,16 @@ def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, 
     assert len(windows) == n * out * out
 
     torch.manual_seed(3)
-    layer = ConvCaps(t, o, kernel, stride, RoutingSettings(iterations))
+    device = _device(routing_impl)
+    layer = ConvCaps(t, o, kernel, stride, RoutingSettings(iterations), routing_impl=routing_impl).to(device)
     g = torch.Generator().manual_seed(4)
     poses = torch.randn(n, t, 16, size, size, generator=g)
     acts = torch.rand(n, t, size, size, generator=g) * 0.8 + 0.1
-    layer(poses, acts)
+    layer(poses.to(device), acts.to(device))
     call = route_calls[-1]
     # the child activations routing sees are the grid's activations at the same children
-    torch.testing.assert_close(call["a_in"].float(), acts.reshape(-1)[idx], rtol=0, atol=0)
-    R = call["result"].log_R.exp()  # (N', O, I)
+    torch.testing.assert_close(call["a_in"].float().cpu(), acts.reshape(-1)[idx], rtol=0, atol=0)
+    R = _log_assignments(call).exp()  # (N', O, I)
     assert R.shape == (idx.shape[0], o, idx.shape[1])
     per_child = torch.zeros(n * t * size * size, dtype=R.dtype).index_add_(0, idx.reshape(-1), R.sum(1).reshape(-1))
     per_child = per_child.view(n, t, size, size)
@@ -216,27 +325,29 @@ def test_convcaps_assignments_sum_to_one_over_all_windows(size, kernel, stride, 
     torch.testing.assert_close(per_child[:, :, covered], torch.ones_like(per_child[:, :, covered]), rtol=0, atol=1e-5)
     assert (per_child[:, :, ~covered] == 0).all()
     if iterations > 1:  # an E-step ran: R is no longer the uniform start
-        R0 = call["log_R0"].exp()
+        R0 = call["log_R0"].exp().cpu().unsqueeze(1)  # (N', 1, I)
         assert (R - R0).abs().max() > 1e-3
 
 
-def test_convcaps_assignments_not_normalised_per_window(route_calls):
+def test_convcaps_assignments_not_normalised_per_window(route_calls, routing_impl):
     """Pitfall 3 is handled: with stride 1 a child shares its R among windows, so R summed over the parents of one
     window is below 1 for some children in several windows (a per-window softmax would give exactly 1)."""
     torch.manual_seed(0)
-    layer = ConvCaps(2, 3, 3, 1, RoutingSettings(3))
+    device = _device(routing_impl)
+    layer = ConvCaps(2, 3, 3, 1, RoutingSettings(3), routing_impl=routing_impl).to(device)
     g = torch.Generator().manual_seed(1)
-    layer(torch.randn(1, 2, 16, 5, 5, generator=g), torch.rand(1, 2, 5, 5, generator=g))
-    per_window = route_calls[-1]["result"].log_R.exp().sum(1)  # (N', I)
+    layer(torch.randn(1, 2, 16, 5, 5, generator=g).to(device), torch.rand(1, 2, 5, 5, generator=g).to(device))
+    per_window = _log_assignments(route_calls[-1]).exp().sum(1)  # (N', I)
     assert (per_window < 0.5).any()
     assert per_window.max() <= 1.0 + 1e-5
 
 
-def test_classcaps_assignments_sum_to_one(route_calls):
-    layer = ClassCaps(3, 5, RoutingSettings(3))
+def test_classcaps_assignments_sum_to_one(route_calls, routing_impl):
+    device = _device(routing_impl)
+    layer = ClassCaps(3, 5, RoutingSettings(3), routing_impl=routing_impl).to(device)
     g = torch.Generator().manual_seed(2)
-    layer(torch.randn(2, 3, 16, 3, 3, generator=g), torch.rand(2, 3, 3, 3, generator=g))
-    R = route_calls[-1]["result"].log_R.exp()
+    layer(torch.randn(2, 3, 16, 3, 3, generator=g).to(device), torch.rand(2, 3, 3, 3, generator=g).to(device))
+    R = _log_assignments(route_calls[-1]).exp()
     assert R.shape == (2, 5, 27)
     torch.testing.assert_close(R.sum(1), torch.ones(2, 27), rtol=0, atol=1e-5)
 

@@ -4,7 +4,8 @@ from capsdist.model.capsnet import INITS, PRESETS, CapsNet
 from capsdist.model.layers import ROUTING_IMPLS
 from capsdist.model.cnn import CNN_PRESETS, BaselineCNN
 from capsdist.model.registry import MODEL_SIZES, build_model
-from capsdist.model.routing import PAPER, RECIPE, RoutingSettings, em_routing
+from capsdist.model.materialised_votes import em_routing
+from capsdist.model.routing import PAPER, RECIPE, RoutingSettings
 
 __all__ = [
     "BaselineCNN",

@@ -7,8 +7,7 @@ cnn        the paper's baseline (Hinton, Sabour, Frosst 2018, section 5): two 5x
 cnn-small  the same blocks with 32 channels in the second convolution and a 23-unit hidden layer, no dropout:
            about the parameter count of the capsule `small` preset (62,791 for 1x28x28 and 10 classes, 74,511
            for 2x32x32 and 5; small has 68,444 and 68,754), so a comparison at equal size needs no other change.
-           (A first version with global average pooling reached only 73.1% on Fashion-MNIST in one epoch: it
-           threw away where the features are, and made the capsules look better than they are.)
+           It flattens its features: global average pooling throws away where they are (docs/results.md).
 
 Both return class probabilities (N, classes) that sum to 1 (a softmax), so the trainer, the evaluation and
 `categorical_crossentropy` treat them like capsule activations; train them with that loss.

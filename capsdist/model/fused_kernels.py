@@ -22,6 +22,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+# no specialisation on the sizes' divisibility by 16: one compiled kernel per constexpr set, whatever the batch
+SIZES = ("N", "I", "O")
+
 
 @triton.jit
 def _tile(n_idx, o_idx, N, I, O):
@@ -75,7 +78,7 @@ def _votes(M_ptr, W_ptr, C_ptr, m_base, m_mask, w_base, w_mask, i, O, HAS_C: tl.
     return V
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def moments_kernel(
     M_ptr,
     W_ptr,
@@ -113,7 +116,7 @@ def moments_kernel(
             dm = V - mu
             log_r = log_r + b - 0.5 * tl.sum(dm * dm * inv, axis=2)
         a = tl.load(a_ptr + ni + i, mask=n_mask, other=0.0)[:, None]
-        ra = tl.where(no_mask, tl.exp(log_r) * a, 0.0)  # (BN, BO)
+        ra = tl.exp(tl.where(no_mask, log_r, float("-inf"))) * a  # (BN, BO), 0 off the tile's edge
         D = V - shift
         t = ra[:, :, None] * D
         s0 += ra
@@ -124,7 +127,7 @@ def moments_kernel(
     tl.store(S2_ptr + no_h, s2, mask=mask3)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def lse_kernel(
     M_ptr,
     W_ptr,
@@ -162,7 +165,7 @@ def lse_kernel(
         tl.store(X_ptr + ni + i, X, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SIZES)
 def backward_kernel(
     M_ptr,
     W_ptr,
@@ -209,6 +212,9 @@ def backward_kernel(
     q = tl.arange(0, 4)
     gm_base = n_idx[:, None] * (I * 16) + q[None, :] * 4  # (BN, 4): offsets of gM[n, 0, r, 0]
     gw_base = o_idx[:, None] * 16 + q[None, :]  # (BO, 4): offsets of gW[0, o, 0, d]
+    # the atomics' masks in full shape: Triton's interpreter applies a broadcast (1, 1) mask to one element only
+    gm_mask = gm_base < N * (I * 16)  # n < N
+    gw_mask = gw_base < O * 16  # o < O
     if HAS_E:
         mu, inv, b = _load_e(mu_ptr, inv_ptr, b_ptr, no, no_mask, no_h, mask3)
         gmu = tl.zeros((BN, BO, 16), dtype=tl.float32)
@@ -233,7 +239,7 @@ def backward_kernel(
             log_r = tl.load(c_ptr + ni + i, mask=n_mask, other=0.0)[:, None]
             if HAS_E:
                 log_r = log_r + x
-            r = tl.where(no_mask, tl.exp(log_r), 0.0)
+            r = tl.exp(tl.where(no_mask, log_r, float("-inf")))
             a = tl.load(a_ptr + ni + i, mask=n_mask, other=0.0)
             ra = r * a[:, None]
             D = V - shift
@@ -253,9 +259,9 @@ def backward_kernel(
             w = tl.load(W_ptr + w_row + w_base + c * 4, mask=w_mask, other=0.0)  # (1, BO, 16): W[i, o, c, d]
             m = tl.load(M_ptr + m_row + m_base + c, mask=m_mask, other=0.0)  # (BN, 1, 16): M[n, i, r, c]
             gm = tl.sum(tl.reshape(tl.sum(dV * w, axis=1), (BN, 4, 4)), axis=2)  # (BN, 4 r): sum over o, d
-            tl.atomic_add(gM_ptr + m_row + gm_base + c, gm, mask=n_mask[:, None])
+            tl.atomic_add(gM_ptr + m_row + gm_base + c, gm, mask=gm_mask)
             gw = tl.sum(tl.reshape(tl.sum(dV * m, axis=0), (BO, 4, 4)), axis=1)  # (BO, 4 d): sum over n, r
-            tl.atomic_add(gW_ptr + w_row + gw_base + c * 4, gw, mask=o_mask[:, None])
+            tl.atomic_add(gW_ptr + w_row + gw_base + c * 4, gw, mask=gw_mask)
     if HAS_E:
         tl.store(gmu_ptr + no_h, gmu, mask=mask3)
         tl.store(ginv_ptr + no_h, ginv, mask=mask3)

@@ -3,14 +3,17 @@
 Capsule layout, everywhere in capsdist:
     poses        (N, T, 16, H, W)   T capsule types, a 4x4 pose matrix flattened row-major, channels first
     activations  (N, T, H, W)
-Routing sees votes in its internal layout (N', O, I, 16) and child activations (N', I), where
-N' = N * parent positions and I = children per routing problem (see routing.py).
+A routing layer hands routing.route its votes as their factors (routing.VoteFactors: child poses, transforms,
+offsets), child activations (N', I) and the E-step normaliser, where N' = N * parent positions and I = children
+per routing problem; model.routing_impl picks the votes backend (`CapsuleLayer.vote_backend`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -18,35 +21,20 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from capsdist.errors import ConfigError
-from capsdist.model.routing import P, RoutingResult, RoutingSettings, normalise_over_parents, route, routing_dtype
+from capsdist.model.materialised_votes import MaterialisedVotes
+from capsdist.model.routing import P, RoutingResult, RoutingSettings, VoteFactors, fully_connected, route, routing_dtype
 from capsdist.model.windows import WindowGrid
 
-# EM routing implementations (model.routing_impl): torch (routing.py, the reference: materialises the votes),
-# triton (fused_routing.py: rebuilds the votes in registers, never stores them; CUDA, or Triton's interpreter
-# for tests), auto: torch, until tests/gpu/check.sh has passed on a GPU (the fused kernels have been run only in
-# Triton's interpreter so far; configs/README.md). Then AUTO_FUSED becomes True: auto = triton on CUDA.
+# EM routing's vote backends (model.routing_impl): torch (materialised_votes.py: computes and keeps the votes),
+# triton (fused_votes.py: rebuilds them in registers; CUDA, or Triton's interpreter for tests); auto: torch until
+# tests/gpu/check.sh has passed on a GPU (configs/README.md), then AUTO_FUSED becomes True: triton on CUDA.
 ROUTING_IMPLS = ("auto", "torch", "triton")
 AUTO_FUSED = False
 
 # 4x4 transforms, initialised as in Gritzman's code: a vote is about twice its pose in scale, which offsets the
 # shrinking of poses by routing's weighted means, so log sigma stays level with depth and class activations
-# start unsaturated (mean 0.87-0.91 at final_lambda 0.01, against 0.97-1.0 with std 0.5, where the small model
-# could not overfit one batch at the paper's lr 3e-3).
+# start unsaturated (docs/results.md).
 WEIGHT_STD = 1.0
-
-
-def pose_transform_matrix(weight: torch.Tensor) -> torch.Tensor:
-    """weight (G, O, 4, 4) -> (G, 16, O * 16) such that flat(M) @ result = [flat(M @ weight[g, o]) for o].
-
-    Entry [(r, c), (o, s, d)] is delta(r, s) * weight[o, c, d]. With it, one batched matmul writes votes with
-    each 16-entry pose contiguous, in (child group, position, parent type, pose) order, which routing then
-    reads in 64-byte runs; the plain (4 x 4) @ (4 x O*4) product is cheaper but scatters every pose over
-    four runs of 4 floats, and reading that layout cost more than the product itself (measured: 347 ms vs
-    66 ms to read, 40 ms vs 62 ms to multiply, full preset at batch 8 on one CPU thread).
-    """
-    g, o = weight.shape[:2]
-    eye = torch.eye(4, dtype=weight.dtype, device=weight.device)
-    return torch.einsum("rs,gocd->grcosd", eye, weight).reshape(g, 16, o * 16)
 
 
 DEAD_BELOW = 0.01  # a capsule whose activation stays below this on every image of the batch is dead
@@ -107,7 +95,7 @@ class CapsuleLayer(nn.Module):
         return f"{self.routing}, routing_checkpoint={self.routing_checkpoint}, routing_impl={self.routing_impl}"
 
     def uses_fused(self, device: torch.device) -> bool:
-        """Whether routing on `device` takes the fused Triton path (fused_routing.py) or the torch path.
+        """Whether routing on `device` takes the fused votes (fused_votes.py) or the materialised ones.
 
         torch: never. auto: only when AUTO_FUSED (see ROUTING_IMPLS), on CUDA with Triton installed. triton:
         always; on the CPU only under Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported), for tests.
@@ -117,7 +105,7 @@ class CapsuleLayer(nn.Module):
         if self.routing_impl == "auto":
             return AUTO_FUSED and device.type == "cuda" and importlib.util.find_spec("triton") is not None
         if device.type != "cuda":
-            from capsdist.model.fused_routing import interpreter_enabled
+            from capsdist.model.fused_votes import interpreter_enabled
 
             if not interpreter_enabled():
                 raise ConfigError(
@@ -126,18 +114,19 @@ class CapsuleLayer(nn.Module):
                 )
         return True
 
-    def _route(self, V: torch.Tensor, a_in: torch.Tensor, log_R0: torch.Tensor, normalise) -> RoutingResult:
-        """V (N', O, I, P), a_in (N', I), log_R0 (N', O, I) -> RoutingResult."""
-        return route(V, a_in, self.beta_u, self.beta_a, log_R0, normalise, self.routing)
+    def vote_backend(self, device: torch.device) -> Any:
+        """The votes backend class (routing.Votes) that routing_impl picks on `device`."""
+        if not self.uses_fused(device):
+            return MaterialisedVotes
+        from capsdist.model.fused_votes import FusedVotes  # imports Triton: only when the fused path runs
 
-    def _route_fused(
-        self, M: torch.Tensor, W: torch.Tensor, offsets, a_in: torch.Tensor, log_R0: torch.Tensor, combine
-    ):
-        """The fused path (fused_routing.fused_route): child poses M (N', I, 16), each child's transforms
-        W (I, O, 16), offsets (I, 16) or None, a_in and log_R0 (N', I) -> FusedResult."""
-        from capsdist.model.fused_routing import fused_route  # imports Triton: only when the fused path runs
+        return FusedVotes
 
-        return fused_route(M, W, offsets, a_in, self.beta_u, self.beta_a, log_R0, combine, self.routing)
+    def _route(self, factors: VoteFactors, a_in: torch.Tensor, log_R0: torch.Tensor, normaliser) -> RoutingResult:
+        """The votes' factors, a_in and log_R0 (N', I), and the E-step normaliser (routing.Normaliser) ->
+        RoutingResult, on the backend routing_impl picks."""
+        votes = self.vote_backend(factors.M.device).from_factors(factors, normaliser)
+        return route(votes, a_in, self.beta_u, self.beta_a, log_R0, self.routing)
 
     def _record(self, a_out: torch.Tensor, images: int, entropy_per_child: torch.Tensor) -> None:
         """Keep detached statistics of the last forward (tensors: read on the host only when logged).
@@ -235,25 +224,14 @@ class ConvCaps(CapsuleLayer):
         kk = self.kernel * self.kernel
         return x.sum(1).view(n, nl // n, kk, -1).permute(0, 3, 2, 1)
 
-    def votes(self, poses: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
-        """poses (N, T, 16, H, W) -> votes (N * L, O, K*K * T, 16), one batched matmul over (k, t).
-
-        The windows are a strided view of the poses, gathered into the matmul's layout by one copy; the result is
-        a strided view of the matmul's output: routing reads it once and never copies it.
-        """
+    def factors(self, poses: torch.Tensor, grid: WindowGrid) -> VoteFactors:
+        """poses (N, T, 16, H, W) -> the votes' factors: M (K*K * T, N * L, 1, 16), one group per kernel position
+        and type, gathered from a strided view of the poses by one copy, and W (K*K * T, O, 4, 4)."""
         n, t, _, h, w = poses.shape
-        kk, o = self.kernel * self.kernel, self.out_types
+        kk = self.kernel * self.kernel
         windows = grid.patches(poses.reshape(n, t * P, h, w)).unflatten(1, (t, P))  # (N, T, 16, H', W', K, K)
-        M = windows.permute(5, 6, 1, 0, 3, 4, 2).reshape(kk * t, -1, P)  # (KK*T, N*L, 16)
-        W = pose_transform_matrix(self.weight.view(kk * t, o, 4, 4))  # (KK*T, 16, O*16)
-        V = torch.bmm(M, W.to(M.dtype)).view(kk, t, M.shape[1], o, P)  # (KK, T, N*L, O, 16)
-        return V.permute(2, 3, 0, 1, 4).flatten(2, 3)  # (N*L, O, KK*T, 16), a view
-
-    def child_poses(self, poses: torch.Tensor, grid: WindowGrid) -> torch.Tensor:
-        """poses (N, T, 16, H, W) -> M (N * L, K*K * T, 16), each routing problem's children (the fused path)."""
-        n, t, _, h, w = poses.shape
-        windows = grid.patches(poses.reshape(n, t * P, h, w)).unflatten(1, (t, P))  # (N, T, 16, H', W', K, K)
-        return windows.permute(0, 3, 4, 5, 6, 1, 2).reshape(-1, self.kernel**2 * t, P)
+        M = windows.permute(5, 6, 1, 0, 3, 4, 2).reshape(kk * t, -1, 1, P)  # (KK*T, N*L, 1, 16)
+        return VoteFactors(M, self.weight.view(kk * t, self.out_types, 4, 4), None)
 
     def log_normaliser(self, per_window: torch.Tensor, grid: WindowGrid, n: int) -> torch.Tensor:
         """Pitfall 3: per-window log-sum-exps over parents (N', I) -> each child's log-sum-exp over every parent of
@@ -268,31 +246,18 @@ class ConvCaps(CapsuleLayer):
 
     def route_capsules(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, _, h, w = poses.shape
-        o, kk = self.out_types, self.kernel * self.kernel
+        o = self.out_types
         grid = self.grid(h, w, poses.device)
         a_in = self._to_routing(grid.unfold(activations))  # (N', I)
-        dtype = torch.promote_types(poses.dtype, torch.float32)  # routing's dtype: float32 also under autocast
-        ones = torch.ones(1, 1, h, w, dtype=dtype, device=poses.device)
+        ones = torch.ones(1, 1, h, w, dtype=routing_dtype(poses.dtype), device=poses.device)
         fan_in = grid.fold(grid.unfold(ones))  # (1, 1, H, W): windows holding each child
         uniform = grid.unfold(-torch.log(fan_in.clamp_min(1.0) * o)).expand(n, t, -1, -1)  # (N, T, KK, L)
         log_R0 = self._to_routing(uniform)  # (N', I): 1 / (O * windows), the same for every parent
 
-        if self.uses_fused(poses.device):
-            W = self.weight.view(kk * t, o, P)  # (I, O, 16): one transform per child
-            M = self.child_poses(poses, grid)
-            result = self._route_fused(M, W, None, a_in, log_R0, lambda L: self.log_normaliser(L, grid, n))
-            entropy = result.entropy  # (N', I)
-        else:
-
-            def normalise(log_p: torch.Tensor) -> torch.Tensor:
-                """log_p (N', O, I) -> log R, normalised over all parents at all positions of each child."""
-                return log_p - self.log_normaliser(torch.logsumexp(log_p, dim=1), grid, n).unsqueeze(1)
-
-            result = self._route(self.votes(poses, grid), a_in, log_R0.unsqueeze(1).expand(-1, o, -1), normalise)
-            with torch.no_grad():
-                entropy = -(result.log_R.exp() * result.log_R).sum(1)  # (N', I)
+        normaliser = functools.partial(self.log_normaliser, grid=grid, n=n)
+        result = self._route(self.factors(poses, grid), a_in, log_R0, normaliser)
         with torch.no_grad():
-            ent = grid.fold(self._from_routing(entropy.unsqueeze(1), n, 1))  # (N, T, H, W) per child
+            ent = grid.fold(self._from_routing(result.entropy.unsqueeze(1), n, 1))  # (N, T, H, W) per child
             covered = fan_in[0, 0] > 0  # (H, W): children in at least one window
             self._record(result.a_out, n, ent[:, :, covered])
         out = grid.out
@@ -341,34 +306,18 @@ class ClassCaps(CapsuleLayer):
         offsets[:, :, 1, 3] = cols[None, :]
         return offsets.view(h * w, P)
 
-    def votes(self, poses: torch.Tensor) -> torch.Tensor:
-        """poses (N, T, 16, H, W) -> votes (N, O, T*H*W, 16), children ordered (type, row, column)."""
+    def factors(self, poses: torch.Tensor) -> VoteFactors:
+        """poses (N, T, 16, H, W) -> the votes' factors: M (T, N, H*W, 16), one group per type (children ordered
+        type, row, column), W (T, O, 4, 4), and the coordinates (H*W, 16) as offsets with coord_add."""
         n, t, _, h, w = poses.shape
-        o = self.out_types
-        M = poses.view(n, t, P, h * w).permute(1, 0, 3, 2).reshape(t, n * h * w, P)  # (T, N*HW, 16)
-        W = pose_transform_matrix(self.weight)  # (T, 16, O*16)
-        V = torch.bmm(M, W.to(M.dtype)).view(t, n, h * w, o, P).permute(1, 3, 0, 2, 4)  # (N, O, T, HW, 16)
-        if self.coord_add:
-            V = V + self.coordinates(h, w, poses.device, V.dtype)  # (HW, 16) broadcast
-        return V.flatten(2, 3)
+        M = poses.view(n, t, P, h * w).permute(1, 0, 3, 2)  # (T, N, HW, 16), a view
+        offsets = self.coordinates(h, w, poses.device, routing_dtype(poses.dtype)) if self.coord_add else None
+        return VoteFactors(M, self.weight, offsets)
 
     def route_capsules(self, poses: torch.Tensor, activations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, t, _, h, w = poses.shape
-        o = self.out_types
         a_in = activations.reshape(n, t * h * w)  # (N, I), ordered (type, row, column)
-        if self.uses_fused(poses.device):
-            dtype = torch.promote_types(poses.dtype, torch.float32)
-            log_R0 = poses.new_full((n, t * h * w), -math.log(o), dtype=dtype)  # (N, I): uniform over the classes
-            M = poses.view(n, t, P, h * w).transpose(2, 3).reshape(n, t * h * w, P)  # (N, I, 16)
-            W = self.weight.view(t, 1, o, P).expand(t, h * w, o, P).reshape(t * h * w, o, P)  # (I, O, 16)
-            offsets = self.coordinates(h, w, poses.device, dtype).repeat(t, 1) if self.coord_add else None
-            result = self._route_fused(M, W, offsets, a_in, log_R0, lambda L: L)
-            entropy = result.entropy  # (N, I)
-        else:
-            V = self.votes(poses)  # (N, O, I, P)
-            log_R0 = V.new_full((n, o, t * h * w), -math.log(o), dtype=routing_dtype(V))
-            result = self._route(V, a_in, log_R0, normalise_over_parents)
-            with torch.no_grad():
-                entropy = -(result.log_R.exp() * result.log_R).sum(1)
-        self._record(result.a_out, n, entropy)
+        log_R0 = poses.new_full((n, t * h * w), -math.log(self.out_types), dtype=routing_dtype(poses.dtype))
+        result = self._route(self.factors(poses), a_in, log_R0, fully_connected)  # log_R0: uniform over classes
+        self._record(result.a_out, n, result.entropy)
         return result.poses, result.a_out

@@ -1,9 +1,9 @@
 """The K x K windows of a convolutional capsule layer: gather and scatter with one kernel each.
 
-F.unfold and F.fold run im2col / col2im once per image on the GPU (2,700 launches in 3 steps of the full
-preset). Here the windows are a strided view of the child grid (Tensor.unfold, no copy), so the gather into
-any layout is one copy, and the sums back onto the child grid are one index_add / scatter_reduce over a
-precomputed index of the child under each window entry.
+F.unfold and F.fold run im2col / col2im once per image on the GPU (docs/benchmarks.md). Here the windows are
+a strided view of the child grid (Tensor.unfold, no copy), so the gather into any layout is one copy, and the
+sums back onto the child grid are one index_add / scatter_reduce over a precomputed index of the child under
+each window entry.
 
 Shapes: children (N, C, H, W); windows (N, C, K*K, L) with window entries ordered (kernel row, kernel column)
 and parent positions L = H' * W' row-major, H' = (H - K) // stride + 1.
