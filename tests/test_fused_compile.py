@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("triton.backends.nvidia")
+pytestmark = pytest.mark.e2e  # a Python process without the interpreter: the GPU compiler
 
 ROOT = Path(__file__).resolve().parents[1]
 
