@@ -24,8 +24,7 @@ def setup_process() -> None:
     Log records go to stderr as `[rank R] LEVEL name: message` (R from the RANK that torchrun and `accelerate
     launch` set; 0 alone). PyTorch's CPU allocator backs large tensors with transparent huge pages when
     THP_MEM_ALLOC_ENABLE is set: EM routing allocates tensors of hundreds of MB every step, and without it
-    first-touch page faults cost about 4x the time of a plain copy (measured: 251 ms -> 61 ms for a 340 MB
-    copy). It is read once, at the first large allocation, so this runs first; THP_MEM_ALLOC_ENABLE=0 opts out.
+    first-touch page faults cost several times a plain copy (docs/benchmarks.md). It is read once, at the first large allocation, so this runs first; THP_MEM_ALLOC_ENABLE=0 opts out.
 
     Idle OpenMP threads sleep instead of spinning at barriers (OMP_WAIT_POLICY=PASSIVE when it is unset), so
     processes that share the cores (loader workers, other jobs) do not slow each other down many-fold

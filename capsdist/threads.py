@@ -1,8 +1,8 @@
 """CPU thread budget of a training process: loader workers, intra-op threads, and how idle threads wait.
 
 On a machine shared with loader workers or other jobs, intra-op threads that spin at OpenMP barriers while
-another process holds the cores collapse the speed (issue 9: two benches side by side on 2 cores ran 3.5x slower
-each, one beside a training run with 4 loader workers 14x). The budget, per process:
+another process holds the cores collapse the speed (docs/benchmarks.md, "CPU on a shared machine"). The budget, per
+process:
     cores      the CPUs this process may run on (its affinity mask), shared by the processes on this node
                (LOCAL_WORLD_SIZE, set by accelerate launch and torchrun)
     workers    data.num_workers, or with `auto` none up to 2 cores per process (decoding costs a few percent of
