@@ -41,11 +41,10 @@ from capsdist.run import data_options, load_data, make_accelerator, model_for_da
 from capsdist.train import checkpoint
 from capsdist.train.checkpoint import TrainState
 from capsdist.train.evaluation import evaluate
-from capsdist.train.health import ClassHealthMonitor, grad_norm_tensors
+from capsdist.train.health import ClassHealthMonitor
 from capsdist.train.lock import RunLock
-from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
 from capsdist.train.tracking import Tracker, start_trackers, wandb_settings
-from capsdist.train.update import GuardedUpdate
+from capsdist.train.step import TrainStep
 
 log = logging.getLogger("capsdist")
 
@@ -110,12 +109,12 @@ class Trainer:
 
         set_seed(cfg.train.seed)
         model = model_for_data(cfg, self.manifest, self.opts)
-        self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg.optim, model))
-        self.update = GuardedUpdate(self.optimizer.optimizer, acc.scaler, acc.device.type)  # the skip of bad steps
-        self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
         self.loss_fn = make_loss(
             cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_images=cfg.loss.max_margin_images
         )
+        self.step = TrainStep.prepare(acc, model, cfg, self.loss_fn, self.schedule_images)
+        self.model, self.optimizer = self.step.model, self.step.optimizer
+        self.state = TrainState(batch_size=cfg.train.batch_size, world_size=self.world)
         if self.resume_from is not None:
             self._restore()
         checkpoint.abandon_newer(acc, self.run_dir, self.state)  # whatever is newer than where this run starts
@@ -297,46 +296,22 @@ class Trainer:
         return self._evaluate_and_save()
 
     def _train_step(self, batch) -> None:
-        """One global step on this rank's batch, queued without reading any device value on the host.
-
-        A step whose loss is non-finite on any rank, or whose gradients are, is skipped by every rank: GuardedUpdate
-        leaves weights, moments and step count alone (decided on the device). `_flush` reads the reduced values and
-        the skip on the next host step."""
-        acc, state, model, batch_size = self.accelerator, self.state, self.model, self.cfg.train.batch_size
-        images = batch.images.to(acc.device, non_blocking=True)  # (B, C, H, W)
-        labels = batch.labels.to(acc.device, non_blocking=True)  # (B,)
-        acts = model(images)  # (B, K)
-        seen = state.step * batch_size  # images before this step: the schedules' clock
-        loss, margin = self.loss_fn(acts, labels, seen)
-        finite = torch.isfinite(loss.detach())
-
-        def fill(value: float) -> torch.Tensor:  # a host number as a fill kernel: a copy from host memory would wait
-            return torch.full((), value, dtype=torch.float64, device=acc.device)
-
-        local = torch.stack(
-            [
-                (~finite).double(),
-                fill(1.0 if self._signal else 0.0),
-                (acts.detach().argmax(1) == labels).sum().double(),
-                torch.where(finite, loss.detach().double() * len(labels), 0.0),
-                fill(float(batch.skipped)),
-            ]
+        """One global step on this rank's batch (TrainStep), queued for the next host step without a device read."""
+        state, batch_size = self.state, self.cfg.train.batch_size
+        out = self.step(
+            batch.images,
+            batch.labels,
+            state.step * batch_size,  # images before this step: the schedules' clock
+            skipped=batch.skipped,
+            stop=self._signal is not None,
+            grad_norms=(state.step + 1) % self.cfg.logging.every_steps == 0,  # a log step
         )
-        reduced = acc.reduce(local, "sum")  # the step's one collective: nonfinite, stop, correct, loss sum, skipped
-        lr = learning_rate(seen, self.cfg.optim, self.schedule_images)
-        self.update.backward(loss, poisoned=reduced[0] > 0)  # the gradients, unscaled under fp16
-        if (state.step + 1) % self.cfg.logging.every_steps == 0:  # a log step: gradient norms before clipping
-            self._grad_norms = grad_norm_tensors(acc.unwrap_model(model))
-        if self.cfg.optim.grad_clip > 0:  # torch's: Accelerate's would unscale the gradients a second time
-            torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.optim.grad_clip)
-        set_learning_rate(self.optimizer, lr)
-        skipped_step = self.update.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if out.grad_norms:  # of a log step
+            self._grad_norms = out.grad_norms
         state.step += 1
         state.batch_in_epoch += 1
         state.samples_seen += batch_size
-        values = torch.cat([reduced, skipped_step.double()[None]])  # (6,): the reduced five, then the skip
-        self._pending.append(_StepRecord(state.step, state.epoch, lr, margin, values))
+        self._pending.append(_StepRecord(state.step, state.epoch, out.lr, out.margin, out.values))
         if self.world == 1 and self._signal:  # a local flag: no device read needed to agree
             self._stop = True
 
