@@ -36,13 +36,12 @@ class StepOutput(NamedTuple):
 class TrainStep:
     """forward, loss, all-reduce, guarded backward, clipping, learning rate, fused update: one global step."""
 
-    def __init__(
-        self, accelerator: Accelerator, model, optimizer, loss_fn: LossFn, optim_cfg, schedule_images: int
-    ) -> None:
-        """model and optimizer: prepared by `accelerator` (`prepare`); schedule_images: the images the learning-rate
-        schedule spans (train.epochs of them)."""
+    def __init__(self, accelerator: Accelerator, model, optimizer, cfg: Config, loss_fn: LossFn, schedule_images: int):
+        """model and optimizer: prepared by `accelerator` (`prepare`); loss_fn: cfg.loss's (make_loss);
+        schedule_images: the images the learning-rate schedule spans (train.epochs of them)."""
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
-        self.loss_fn, self.optim_cfg, self.schedule_images = loss_fn, optim_cfg, schedule_images
+        self.optim_cfg, self.loss_name = cfg.optim, cfg.loss.name
+        self.loss_fn, self.schedule_images = loss_fn, schedule_images
         self.update = GuardedUpdate(optimizer.optimizer, accelerator.scaler, accelerator.device.type)
 
     @classmethod
@@ -51,14 +50,14 @@ class TrainStep:
     ) -> TrainStep:
         """The step of `model` and its fused optimizer (optim.*), both prepared by `accelerator`."""
         model, optimizer = accelerator.prepare(model, build_optimizer(cfg.optim, model))
-        return cls(accelerator, model, optimizer, loss_fn, cfg.optim, schedule_images)
+        return cls(accelerator, model, optimizer, cfg, loss_fn, schedule_images)
 
     def parts(self) -> list[str]:
         """What a call does, in order, in words (the bench's output lists them)."""
-        clip = self.optim_cfg.grad_clip
+        clip, precision = self.optim_cfg.grad_clip, self.accelerator.mixed_precision
         return [
-            f"forward (Accelerate's autocast, mixed precision {self.accelerator.mixed_precision})",
-            "loss",
+            "forward" + (f" under Accelerate's {precision} autocast" if precision != "no" else ""),
+            self.loss_name,
             "all-reduce of the step's values",
             "backward (GuardedUpdate: scaled under fp16)",
             *([f"gradient clipping at {clip}"] if clip > 0 else []),
