@@ -18,7 +18,6 @@ import itertools
 import os
 import platform
 import resource
-import sys
 import time
 
 import torch
@@ -29,6 +28,7 @@ from capsdist.errors import ConfigError
 from capsdist.loss import make_loss
 from capsdist.model import build_model
 from capsdist.run import make_accelerator
+from capsdist.train.metrics import peak_memory_mb
 from capsdist.train.step import TrainStep
 
 
@@ -81,12 +81,6 @@ class BenchSettings:
             input_size=input_size or size,
             classes=classes or n_classes,
         )
-
-
-def _rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _current_rss_mb() -> float:
@@ -152,10 +146,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     step.model.train()
     _timed(train_step, s.warmup, device)
     train_s = _timed(train_step, s.steps, device)
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = _rss_mb()
+    peak_mb = peak_memory_mb(device)
     step.model.eval()
     _timed(infer_step, max(1, s.warmup), device)
     infer_s = _timed(infer_step, s.steps, device)
