@@ -26,7 +26,7 @@ import yaml
 from accelerate.utils import broadcast_object_list, set_seed
 
 from capsdist import threads
-from capsdist.config import Config, config_dict, save_config
+from capsdist.config import Config, changed_keys, config_dict, save_config
 from capsdist.data import check_same_data, data_identity, steps_per_epoch, train_loader
 from capsdist.errors import CheckpointError, ConfigError, TrainingError
 from capsdist.files import check_writable_dir
@@ -46,7 +46,8 @@ log = logging.getLogger("capsdist")
 
 
 class Trainer:
-    """Builds the run (accelerator, data, model, optimizer, tracker), restores a checkpoint, trains."""
+    """Builds the run (accelerator, data, the step, the parts that act at their steps), restores a checkpoint, and
+    loops over the steps."""
 
     def __init__(self, cfg: Config, *, source: str = "config", resume: str = "auto"):
         self.cfg, self.source = cfg, source
@@ -108,7 +109,14 @@ class Trainer:
         if wandb_kwargs:
             start_trackers(acc, cfg, wandb_kwargs)
         self.tracker = Tracker(acc, self.run_dir, wandb_enabled=wandb_kwargs is not None)
-        model = acc.unwrap_model(self.model)
+        self._build_parts(eval_per_rank)
+        self._batches = None  # the epoch's batches, from its loader made at the data position
+        self._signal: str | None = None  # a signal this process received
+        self._stop = False  # all ranks agreed to stop (set from the step's all-reduce)
+
+    def _build_parts(self, eval_per_rank: int) -> None:
+        """The parts that act at their steps: checkpointer, evaluator, the health of the steps, metrics logger."""
+        acc, cfg, model = self.accelerator, self.cfg, self.accelerator.unwrap_model(self.model)
         self.checkpointer = Checkpointer(
             acc, model, self.run_dir, cfg.checkpoint, self.data, self.state, self.resume_from
         )
@@ -122,9 +130,6 @@ class Trainer:
             resume_hint(self.run_dir),
         )
         self.metrics = MetricsLogger(acc, model, self.tracker, self.health, cfg)
-        self._batches = None  # the epoch's batches, from its loader made at the data position
-        self._signal: str | None = None  # a signal this process received
-        self._stop = False  # all ranks agreed to stop (set from the step's all-reduce)
 
     def _per_rank(self, key: str, batch_size: int) -> int:
         """The share of each process of the global `batch_size` (config `key`); ConfigError when it does not divide."""
@@ -194,7 +199,7 @@ class Trainer:
         path = self.run_dir / "config.yaml"
         if path.is_file():
             before = yaml.safe_load(path.read_text())
-            changed = _diff(before, config_dict(self.cfg))
+            changed = changed_keys(before, config_dict(self.cfg))
             if changed:
                 log.warning("config differs from this run directory's config.yaml in: %s", ", ".join(changed))
         save_config(self.cfg, path)
@@ -361,15 +366,3 @@ def _peer_lost(err: RuntimeError) -> bool:
 def _is_main_env() -> bool:
     """Rank 0 before the Accelerator exists (torchrun/accelerate set RANK)."""
     return os.environ.get("RANK", "0") == "0"
-
-
-def _diff(before: dict, after: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested config dicts."""
-    keys = []
-    for key in sorted(set(before) | set(after)):
-        a, b = before.get(key), after.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += _diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
