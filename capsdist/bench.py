@@ -1,23 +1,23 @@
-"""Speed and memory of a model's training and inference steps on synthetic input, in one process.
+"""Speed and memory of the trainer's training step (capsdist/train/step.py) and of inference, on synthetic input, in
+one process.
 
-A training step here is the model's share of the trainer's step: forward, spread loss, backward and an Adam step,
-with autocast for mixed precision and a GradScaler for fp16 as Accelerate sets them up. It leaves out what the
-trainer adds around the model: Accelerate's wrappers (DDP across processes), the step's one all-reduce, the
-learning-rate update, the health statistics and the logging, so on one process it is an upper bound of the trainer's
-speed, and across processes it does not measure communication. Timings start after `warmup` steps, so
-torch.compile's compilation is excluded, and synchronise the GPU. Peak memory is torch.cuda.max_memory_allocated on
-CUDA and the process's peak resident set size on CPU (with the resident size before the first step, so the growth
-per training image can be read off).
+The training step is the trainer's own TrainStep on a model and fused optimizer that an Accelerator prepared as the
+trainer prepares them (mixed precision, torch.compile through Accelerate): forward under autocast, the loss at the
+images seen, the step's all-reduce, GuardedUpdate's backward and device-side skip, gradient clipping, the learning
+rate, the fused Adam update. The output lists those parts ("step_parts") and what the trainer adds around them that
+the timing leaves out ("step_leaves_out": data loading, logging, evaluation, checkpoints, and on one process the
+all-reduce's communication). Timings start after `warmup` steps, so torch.compile's compilation is excluded, and
+synchronise the GPU. Peak memory is torch.cuda.max_memory_allocated on CUDA and the process's peak resident set size
+on CPU (with the resident size before the first step, so the growth per training image can be read off).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import itertools
 import os
 import platform
 import resource
-import sys
 import time
 
 import torch
@@ -25,10 +25,11 @@ import torch
 from capsdist.config import Config
 from capsdist.data import DATASETS, input_shape
 from capsdist.errors import ConfigError
-from capsdist.loss import spread_loss
+from capsdist.loss import make_loss
 from capsdist.model import build_model
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from capsdist.run import make_accelerator
+from capsdist.train.metrics import peak_memory_mb
+from capsdist.train.step import TrainStep
 
 
 @dataclasses.dataclass
@@ -82,12 +83,6 @@ class BenchSettings:
         )
 
 
-def _rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
 def _current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
@@ -111,44 +106,48 @@ def _routing_used(model: torch.nn.Module, device: torch.device) -> str | None:
     return None if layer is None else ("triton" if layer.uses_fused(device) else "torch")
 
 
+LEAVES_OUT = [
+    "data loading (synthetic batches already on the device)",
+    "logging (metrics, health statistics, the gradient norms of log steps)",
+    "evaluation",
+    "checkpoints",
+    "communication (one process: the all-reduce has no peer, and no DDP gradient all-reduce)",
+]
+
+
 def run_benchmark(s: BenchSettings) -> dict:
     """Run the benchmark described by `s` and return the result as a flat dict (one JSON line)."""
-    torch.manual_seed(s.cfg.train.seed)
-    device = torch.device(s.device)
-    model = build_model(s.cfg.model, in_channels=s.in_channels, input_size=s.input_size, num_classes=s.classes).to(
-        device
+    cfg = dataclasses.replace(
+        s.cfg, train=dataclasses.replace(s.cfg.train, compile=s.compile, mixed_precision=s.mixed_precision)
     )
-    step_model = torch.compile(model) if s.compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    accelerator = make_accelerator(cfg, cpu=s.device == "cpu")  # as the trainer's, on the bench's device
+    device = accelerator.device
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, in_channels=s.in_channels, input_size=s.input_size, num_classes=s.classes)
+    loss_fn = make_loss(
+        cfg.loss.name, margin_schedule=cfg.loss.margin_schedule, max_margin_images=cfg.loss.max_margin_images
+    )
+    schedule_images = (s.warmup + s.steps) * s.batch_size  # the learning rate falls over the bench's steps
+    step = TrainStep.prepare(accelerator, model, cfg, loss_fn, schedule_images)
     images = torch.randn(s.batch_size, s.in_channels, s.input_size, s.input_size, device=device)
     labels = torch.randint(0, s.classes, (s.batch_size,), device=device)
-    dtype = _AUTOCAST.get(s.mixed_precision)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=s.mixed_precision == "fp16")
+    seen = itertools.count(0, s.batch_size)
 
     def train_step():
-        optimizer.zero_grad(set_to_none=True)
-        with autocast():
-            loss = spread_loss(step_model(images), labels, margin=0.5)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        step(images, labels, next(seen))
 
     def infer_step():
-        with torch.no_grad(), autocast():
-            step_model(images)
+        with torch.no_grad():
+            step.model(images)  # under Accelerate's autocast, as in evaluation
 
     rss_before = _current_rss_mb() if device.type == "cpu" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    model.train()
+    step.model.train()
     _timed(train_step, s.warmup, device)
     train_s = _timed(train_step, s.steps, device)
-    if device.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mb = _rss_mb()
-    model.eval()
+    peak_mb = peak_memory_mb(device)
+    step.model.eval()
     _timed(infer_step, max(1, s.warmup), device)
     infer_s = _timed(infer_step, s.steps, device)
     result = {
@@ -171,6 +170,9 @@ def run_benchmark(s: BenchSettings) -> dict:
         "routing_checkpoint": s.cfg.model.routing_checkpoint,
         "routing_impl": s.cfg.model.routing_impl,
         "routing": _routing_used(model, device),
+        "step": "trainer",
+        "step_parts": step.parts(),
+        "step_leaves_out": LEAVES_OUT,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "compile": s.compile,
         "mixed_precision": s.mixed_precision,

@@ -310,6 +310,18 @@ def config_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def changed_keys(before: dict, after: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = []
+    for key in sorted(set(before) | set(after)):
+        a, b = before.get(key), after.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML to `path` (in the run directory), atomically."""
     write_atomic(path, yaml.safe_dump(config_dict(cfg), sort_keys=False).encode())

@@ -20,14 +20,15 @@ from capsdist.errors import DataError
 from capsdist.model import build_model
 
 
-def make_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
-    """The run's Accelerator. Without CUDA it is created with cpu=True: a multi-process launch on CPU
-    (accelerate launch --multi_gpu / use_cpu config, torchrun) otherwise gives N separate 1-process runs.
-    Every collective (all-reduce, barrier, gather) gives up after train.collective_timeout_s."""
+def make_accelerator(cfg: Config, log_with: str | None = None, cpu: bool | None = None) -> Accelerator:
+    """The run's Accelerator, on the CPU when `cpu` (default: when there is no CUDA). Without CUDA it must be
+    created with cpu=True: a multi-process launch on CPU (accelerate launch --multi_gpu / use_cpu config,
+    torchrun) otherwise gives N separate 1-process runs. Every collective (all-reduce, barrier, gather) gives up
+    after train.collective_timeout_s."""
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.collective_timeout_s))
     _restarted_process_group(timeout.timeout)
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
+        cpu=not torch.cuda.is_available() if cpu is None else cpu,
         mixed_precision=cfg.train.mixed_precision,
         log_with=log_with,
         dynamo_backend="inductor" if cfg.train.compile else "no",

@@ -42,6 +42,16 @@ def wandb_as_configured(monkeypatch):
 
 
 @pytest.fixture
+def fresh_accelerator():
+    """Accelerate keeps one state per process, mixed precision included: each test starts and ends without one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
 def one_torch_thread():
     """One intra-op thread for in-process model tests: their shapes are tiny, and on a busy 2-core machine two
     OpenMP threads spin against other processes and slow the test several-fold."""

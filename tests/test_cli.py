@@ -53,7 +53,7 @@ def test_train_and_evaluate_take_repeated_set(tiny_config, tmp_path):
     assert result["count"] == TRAIN // 2
 
 
-def test_bench_and_bench_data_take_repeated_set(tiny_config, capsys):
+def test_bench_and_bench_data_take_repeated_set(tiny_config, capsys, fresh_accelerator):
     assert (
         launch_script("bench_data").main(
             ["--config", str(tiny_config), "--set", "train.batch_size=8", "--set", "data.num_workers=0", "--steps", "2"]

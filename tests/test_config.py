@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from capsdist.config import Config, config_dict, config_from_dict, load_config, save_config
+from capsdist.config import Config, changed_keys, config_dict, config_from_dict, load_config, save_config
 from capsdist.errors import ConfigError
 from capsdist.model import PAPER
 
@@ -118,6 +118,13 @@ def test_resolved_config_round_trips_and_user_file_is_untouched(tmp_path):
     again = config_from_dict(yaml.safe_load((tmp_path / "resolved.yaml").read_text()), "resolved.yaml")
     assert config_dict(again) == config_dict(cfg)
     assert config_dict(Config())["optim"]["lr"] == pytest.approx(1e-2)
+
+
+def test_changed_keys_names_each_changed_value_by_its_dotted_key(tmp_path):
+    before = config_dict(Config())
+    after = config_dict(load_config(write(tmp_path, "optim:\n  lr: 0.5\n"), ["logging.wandb.tags=[a]"]))
+    assert changed_keys(before, after) == ["logging.wandb.tags", "optim.lr", "run_dir"]  # run_dir: from the file
+    assert changed_keys({"a": {"b": 1}}, {"a": 2, "c": 3}) == ["a", "c"]
 
 
 def test_learning_rate_schedules_are_functions_of_the_images_seen():

@@ -35,14 +35,6 @@ FAULTS = {
 }
 
 
-@pytest.fixture
-def fresh_accelerator():
-    """Accelerate keeps one state per process, mixed precision included: each test starts and ends without one."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
 def _gpu_like_fp16(monkeypatch) -> None:
     real = trainer.make_accelerator
 

@@ -10,6 +10,7 @@ import torch
 
 from capsdist.config import load_config
 from capsdist.train import trainer
+from capsdist.train.metrics import MetricsLogger
 from train_helpers import losses, metrics
 
 HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
@@ -18,7 +19,7 @@ HOST_READS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int_
 @pytest.fixture
 def host_reads(monkeypatch):
     """A list of (phase, method) for every host read of a tensor made during Trainer._train_step ("step") or
-    Trainer._flush ("flush")."""
+    MetricsLogger.flush ("flush")."""
     reads, phase = [], []
     for name in HOST_READS:
         original = getattr(torch.Tensor, name)
@@ -29,8 +30,8 @@ def host_reads(monkeypatch):
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
-    for method, label in (("_train_step", "step"), ("_flush", "flush")):
-        original = getattr(trainer.Trainer, method)
+    for owner, method, label in ((trainer.Trainer, "_train_step", "step"), (MetricsLogger, "flush", "flush")):
+        original = getattr(owner, method)
 
         def in_phase(self, *args, _original=original, _label=label, **kwargs):
             phase.append(_label)
@@ -39,7 +40,7 @@ def host_reads(monkeypatch):
             finally:
                 phase.pop()
 
-        monkeypatch.setattr(trainer.Trainer, method, in_phase)
+        monkeypatch.setattr(owner, method, in_phase)
     return reads
 
 

@@ -1,14 +1,20 @@
-"""Training health, logged on log steps: per-layer capsule statistics, gradient norms, and a warning when the
-class capsules are all dead or all saturated for a while (the two usual ways an EM capsule network stops
-learning: every class activation near 0, or every one near 1 where the logistic is flat).
+"""Training health: per-layer capsule statistics and gradient norms (logged on log steps), a warning when the class
+capsules are all dead or all saturated for a while (the two usual ways an EM capsule network stops learning: every
+class activation near 0, or every one near 1 where the logistic is flat), and the count of the steps skipped as
+non-finite and of the corrupt samples skipped, which stops a run past its limits.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from capsdist.config import Config
+from capsdist.errors import TrainingError
+from capsdist.train.checkpoint import TrainState
 
 log = logging.getLogger("capsdist")
 
@@ -74,3 +80,73 @@ class ClassHealthMonitor:
                     step - self._since[kind],
                     hint,
                 )
+
+
+class StepHealth:
+    """The skipped steps and samples of the steps a host step reads: counted in the TrainState, warned about, and a
+    TrainingError after train.max_nonfinite non-finite steps in a row or past data.max_skipped_fraction of an epoch's
+    samples skipped as corrupt."""
+
+    def __init__(
+        self,
+        state: TrainState,
+        cfg: Config,
+        epoch_samples: int,
+        prepare_command: str,
+        last_healthy: Callable[[], str],
+        resume: str,
+    ):
+        """epoch_samples: global samples per epoch; prepare_command: the dataset's (manifest.prepare_command);
+        last_healthy: names the checkpoint a stopped run continues from; resume: the arguments that continue it."""
+        self.state, self.epoch_samples, self.prepare_command = state, epoch_samples, prepare_command
+        self.max_nonfinite, self.max_skipped_fraction = cfg.train.max_nonfinite, cfg.data.max_skipped_fraction
+        self.last_healthy, self.resume = last_healthy, resume
+        self.nonfinite_run = 0  # consecutive skipped steps
+
+    def count(self, step: int, nonfinite: int, skipped_step: bool, skipped: int) -> dict:
+        """Count global `step`: `nonfinite` ranks' losses were not finite, the update was skipped (`skipped_step`),
+        `skipped` corrupt samples (all ranks). Returns the counters to log; TrainingError when the epoch has
+        skipped too many samples."""
+        state = self.state
+        if skipped_step:
+            state.nonfinite_total += 1
+            self.nonfinite_run += 1
+            log.warning(
+                "step %d: %s, step skipped (%d in a row)",
+                step,
+                f"non-finite loss on {nonfinite} rank(s)" if nonfinite else "non-finite gradients",
+                self.nonfinite_run,
+            )
+        else:
+            self.nonfinite_run = 0
+        if skipped and not state.skipped_total:
+            log.warning(
+                "step %d: %d corrupt training samples skipped (data.skip_corrupt); their slots repeat good "
+                "samples; prepare the dataset again: %s",
+                step,
+                skipped,
+                self.prepare_command,
+            )
+        state.skipped_total += skipped
+        state.epoch_skipped += skipped
+        limit = self.max_skipped_fraction
+        if state.epoch_skipped > limit * self.epoch_samples:
+            raise TrainingError(
+                f"epoch {state.epoch}: {state.epoch_skipped} corrupt training samples skipped, more "
+                f"than data.max_skipped_fraction {limit} of its {self.epoch_samples}; prepare the dataset "
+                f"again ({self.prepare_command}) or raise data.max_skipped_fraction"
+            )
+        return {
+            "train/nonfinite_total": state.nonfinite_total,
+            "train/skipped": skipped,
+            "train/skipped_total": state.skipped_total,
+        }
+
+    def check_streak(self, step: int) -> None:
+        """TrainingError once train.max_nonfinite steps in a row, up to global `step`, were skipped."""
+        if self.nonfinite_run >= self.max_nonfinite:
+            raise TrainingError(
+                f"{self.nonfinite_run} non-finite steps in a row at step {step}, none of them "
+                f"checkpointed; {self.last_healthy()}. Lower optim.lr or set optim.grad_clip, then continue "
+                f"with {self.resume}"
+            )

@@ -1,0 +1,32 @@
+"""launch/bench.py times the trainer's own step: TrainStep on a model and fused optimizer that an Accelerator
+prepared as the trainer's, and its output says what the timing includes and leaves out."""
+
+from __future__ import annotations
+
+import torch
+
+from capsdist.bench import BenchSettings, run_benchmark
+from capsdist.config import load_config
+from capsdist.train import step as step_module
+
+
+def test_the_bench_times_the_trainers_step(tiny_config, monkeypatch, fresh_accelerator):
+    steps = []
+    real = step_module.TrainStep.__call__
+
+    def recording(self, *args, **kwargs):
+        steps.append(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(step_module.TrainStep, "__call__", recording)
+    cfg = load_config(tiny_config, ["optim.grad_clip=1.0"])
+    out = run_benchmark(BenchSettings.from_config(cfg, batch_size=2, steps=2, warmup=1, device="cpu"))
+    assert len(steps) == 3 and len(set(map(id, steps))) == 1  # warm-up and timed steps: the trainer's step
+    optimizer = steps[0].optimizer
+    assert type(optimizer).__name__ == "AcceleratedOptimizer" and optimizer.optimizer.defaults["fused"]
+    assert all(torch.isfinite(p).all() for p in steps[0].model.parameters())
+    assert out["step"] == "trainer"
+    parts = " ".join(out["step_parts"])
+    assert all(word in parts for word in ("all-reduce", "GuardedUpdate", "clipping at 1.0", "fused adam"))
+    assert any("data loading" in part for part in out["step_leaves_out"])
+    assert out["train_images_per_s"] > 0 and out["batch_size"] == 2 and out["routing"] == "torch"
