@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import platform
 import resource
@@ -22,7 +23,9 @@ import time
 
 import torch
 
+from capsdist import threads
 from capsdist.config import Config
+from capsdist.cpu_share import CpuShare
 from capsdist.data import DATASETS, input_shape
 from capsdist.errors import ConfigError
 from capsdist.loss import make_loss
@@ -30,6 +33,8 @@ from capsdist.model import build_model
 from capsdist.run import make_accelerator
 from capsdist.train.metrics import peak_memory_mb
 from capsdist.train.step import TrainStep
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -122,6 +127,9 @@ def run_benchmark(s: BenchSettings) -> dict:
     )
     accelerator = make_accelerator(cfg, cpu=s.device == "cpu")  # as the trainer's, on the bench's device
     device = accelerator.device
+    plan = threads.budget(0)  # the trainer's, for a process that decodes its own batches
+    torch.set_num_threads(plan.threads)
+    share = CpuShare(plan.threads, log, on_cpu=device.type == "cpu")
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, in_channels=s.in_channels, input_size=s.input_size, num_classes=s.classes)
     loss_fn = make_loss(
@@ -134,6 +142,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     seen = itertools.count(0, s.batch_size)
 
     def train_step():
+        share.tick(time.monotonic())
         step(images, labels, next(seen))
 
     def infer_step():
@@ -159,7 +168,7 @@ def run_benchmark(s: BenchSettings) -> dict:
         "memory_kind": "cuda_max_allocated" if device.type == "cuda" else "peak_rss",
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        else f"cpu ({platform.processor() or platform.machine()}, {plan.threads} threads)",
         "torch": torch.__version__,
         "preset": s.cfg.model.size,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -174,6 +183,8 @@ def run_benchmark(s: BenchSettings) -> dict:
         "step_parts": step.parts(),
         "step_leaves_out": LEAVES_OUT,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "cpu_share": share.describe(),
+        "intra_op_threads_at_end": torch.get_num_threads(),
         "compile": s.compile,
         "mixed_precision": s.mixed_precision,
     }

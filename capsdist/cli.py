@@ -18,24 +18,26 @@ def add_set_option(
     parser.add_argument(flag, nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest=dest, help=help)
 
 
-def setup_process() -> None:
+def setup_process(spin: bool = False) -> None:
     """Set up a launch script's process before anything is built: logging, the CPU allocator, OpenMP waiting.
 
     Log records go to stderr as `[rank R] LEVEL name: message` (R from the RANK that torchrun and `accelerate
     launch` set; 0 alone). PyTorch's CPU allocator backs large tensors with transparent huge pages when
     THP_MEM_ALLOC_ENABLE is set: EM routing allocates tensors of hundreds of MB every step, and without it
-    first-touch page faults cost several times a plain copy (docs/benchmarks.md). It is read once, at the first large allocation, so this runs first; THP_MEM_ALLOC_ENABLE=0 opts out.
+    first-touch page faults cost several times a plain copy (docs/benchmarks.md). It is read once, at the first
+    large allocation, so this runs first; THP_MEM_ALLOC_ENABLE=0 opts out.
 
-    Idle OpenMP threads sleep instead of spinning at barriers (OMP_WAIT_POLICY=PASSIVE when it is unset), so
-    processes that share the cores (loader workers, other jobs) do not slow each other down many-fold
-    (capsdist/threads.py). OpenMP reads it once, when torch loads it: the launch scripts call this before they
-    import torch, and a warning says when torch came first; OMP_WAIT_POLICY=ACTIVE opts out. The trainer logs
-    the value with the thread budget.
+    How idle OpenMP threads wait at barriers is read once, when torch loads OpenMP, so the launch scripts call
+    this before they import torch (a warning says when torch came first); an OMP_WAIT_POLICY already set wins.
+    With `spin` (the scripts that train, whose steps are many short parallel regions) OpenMP keeps its default,
+    a short spin and then sleep, and capsdist.cpu_share lowers the intra-op threads while other processes want
+    the cores. Without it idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE), which shares the cores with
+    loader workers and other jobs at some cost alone (docs/benchmarks.md, "CPU on a shared machine").
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    if "OMP_WAIT_POLICY" not in os.environ:
+    if not spin and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         if "torch" in sys.modules:
             logging.getLogger("capsdist").warning(

@@ -10,9 +10,10 @@ process:
     threads    the training process's intra-op threads: the cores left after the workers, at least 1; an
                OMP_NUM_THREADS in the environment is the user's (or torchrun's) choice and wins
 Loader workers decode with one thread each (torch's DataLoader sets one intra-op thread in every worker).
-Idle OpenMP threads should sleep rather than spin: capsdist.cli.setup_process sets OMP_WAIT_POLICY=PASSIVE when
-it is unset, before the launch scripts import torch (OpenMP reads it once, when torch loads it). Importing this
-module changes nothing; `apply` sets the intra-op threads and logs the whole budget once.
+How idle OpenMP threads wait is set by capsdist.cli.setup_process before the launch scripts import torch (OpenMP
+reads it once): the training scripts keep OpenMP's short spin, and capsdist.cpu_share lowers the intra-op threads
+while other processes want the cores; the others sleep at once (OMP_WAIT_POLICY=PASSIVE). Importing this module
+changes nothing; `apply` sets the intra-op threads and logs the whole budget once.
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ def budget(num_workers: int | str, cores: int | None = None) -> ThreadBudget:
     """The budget for data.num_workers (a count or "auto") on `cores` CPUs (default: this process's share)."""
     cores = process_cores() if cores is None else cores
     workers = auto_workers(cores) if num_workers == "auto" else int(num_workers)
-    threads = max(1, cores - workers)
-    explicit = os.environ.get("OMP_NUM_THREADS", "")
-    if explicit.isdigit() and int(explicit) > 0:
-        threads = int(explicit)
-    return ThreadBudget(cores, workers, threads)
+    explicit = explicit_threads()
+    return ThreadBudget(cores, workers, max(1, cores - workers) if explicit is None else explicit)
+
+
+def explicit_threads() -> int | None:
+    """The intra-op threads OMP_NUM_THREADS asks for (the user's or torchrun's choice), None when it is unset."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def apply(plan: ThreadBudget, log: logging.Logger) -> None:

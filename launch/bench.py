@@ -61,5 +61,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    setup_process()
+    setup_process(spin=True)
     sys.exit(main())

@@ -30,3 +30,17 @@ def test_the_bench_times_the_trainers_step(tiny_config, monkeypatch, fresh_accel
     assert all(word in parts for word in ("all-reduce", "GuardedUpdate", "clipping at 1.0", "fused adam"))
     assert any("data loading" in part for part in out["step_leaves_out"])
     assert out["train_images_per_s"] > 0 and out["batch_size"] == 2 and out["routing"] == "torch"
+
+
+def test_the_bench_shares_the_cpu_as_the_trainer_does(tiny_config, monkeypatch, fresh_accelerator):
+    """The bench ticks a CpuShare each step, as the trainer does, and reports where it left the threads."""
+    import capsdist.bench as bench_module
+
+    ticks = []
+    monkeypatch.setattr(bench_module.CpuShare, "tick", lambda self, now: ticks.append(now))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    out = run_benchmark(
+        BenchSettings.from_config(load_config(tiny_config), batch_size=2, steps=2, warmup=1, device="cpu")
+    )
+    assert len(ticks) == 3 and ticks == sorted(ticks)
+    assert out["cpu_share"].startswith("cpu share: ") and out["intra_op_threads_at_end"] >= 1

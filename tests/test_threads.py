@@ -55,6 +55,19 @@ def test_setup_process_sets_omp_wait_policy_only_when_unset(monkeypatch):
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
+def test_setup_process_for_training_leaves_openmp_its_default_wait(monkeypatch):
+    """The training scripts keep OpenMP's short spin (capsdist.cpu_share shares the cores); a user's policy wins."""
+    from capsdist.cli import setup_process
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    setup_process(spin=True)
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    setup_process(spin=True)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
 @pytest.mark.parametrize(
     "script", ["train.py", "bench.py", "evaluate.py", "bench_data.py", "measure_cpu.py", "experiment.py"]
 )
@@ -93,8 +106,10 @@ def test_num_workers_config_takes_auto_or_a_count(tiny_config):
         load_config(tiny_config, ["data.num_workers=-1"])
 
 
-def test_trainer_resolves_auto_once_sets_threads_and_logs_them(tiny_config, tmp_path, caplog):
+def test_trainer_resolves_auto_once_sets_threads_and_logs_them(tiny_config, tmp_path, caplog, monkeypatch):
     threads_before = torch.get_num_threads()
+    ticks = []  # the trainer's CpuShare, sampled once a step (its own tests: tests/test_cpu_share.py)
+    monkeypatch.setattr(trainer.CpuShare, "tick", lambda self, now: ticks.append(now))
     cfg = load_config(tiny_config, ["data.num_workers=auto", "train.max_steps=2", "eval.test=false"])
     try:
         with caplog.at_level(logging.INFO, logger="capsdist"):
@@ -104,6 +119,7 @@ def test_trainer_resolves_auto_once_sets_threads_and_logs_them(tiny_config, tmp_
         assert saved["data"]["num_workers"] == plan.workers  # the count, so a resume elsewhere keeps the order
         assert torch.get_num_threads() == plan.threads
         assert sum("threads:" in r.getMessage() for r in caplog.records) == 1
+        assert sum("cpu share:" in r.getMessage() for r in caplog.records) == 1 and len(ticks) == 2
         # a resumed run keeps the saved count even where auto would give another
         resumed = load_config(tiny_config, ["data.num_workers=auto", "train.max_steps=3", "eval.test=false"])
         saved["data"]["num_workers"] = 1

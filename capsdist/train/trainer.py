@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ import yaml
 from accelerate.utils import broadcast_object_list, set_seed
 
 from capsdist import threads
+from capsdist.cpu_share import CpuShare
 from capsdist.config import Config, changed_keys, config_dict, save_config
 from capsdist.data import check_same_data, data_identity, steps_per_epoch, train_loader
 from capsdist.errors import CheckpointError, ConfigError, TrainingError
@@ -83,7 +85,10 @@ class Trainer:
             saved = self._run_workers()
             cfg.data.num_workers = threads.budget("auto").workers if saved is None else saved
         self.opts = data_options(cfg)
-        threads.apply(threads.budget(self.opts.num_workers), log)
+        plan = threads.budget(self.opts.num_workers)
+        threads.apply(plan, log)
+        self.cpu_share = CpuShare(plan.threads, log, on_cpu=acc.device.type == "cpu")
+        log.info(self.cpu_share.describe())
         self.manifest = load_data(cfg, acc, self.opts)
         self.data = data_identity(self.manifest, self.opts)  # recorded in every checkpoint, checked on resume
         self.steps_per_epoch = steps_per_epoch(self.manifest, self.opts, cfg.train.batch_size)
@@ -287,6 +292,7 @@ class Trainer:
     def _train_step(self, batch) -> None:
         """One global step on this rank's batch (TrainStep), queued for the next host step without a device read."""
         state, batch_size = self.state, self.cfg.train.batch_size
+        self.cpu_share.tick(time.monotonic())
         out = self.step(
             batch.images,
             batch.labels,
