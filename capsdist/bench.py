@@ -24,7 +24,7 @@ import torch
 
 from capsdist.config import Config
 from capsdist.data import DATASETS, input_shape
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 from capsdist.loss import make_loss
 from capsdist.model import build_model
 from capsdist.run import make_accelerator

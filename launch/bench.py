@@ -12,8 +12,8 @@ import argparse
 import json
 import sys
 
-from capsdist.cli import add_set_option, setup_process
-from capsdist.errors import run_cli
+from capsdist.core.cli import add_set_option, setup_process
+from capsdist.core.errors import run_cli
 
 # capsdist.bench and capsdist.config import torch: they are imported in main, after setup_process (OMP_WAIT_POLICY)
 

@@ -11,8 +11,8 @@ the numbers are exactly those of one process (each sample is counted once).
 import argparse
 import sys
 
-from capsdist.cli import add_set_option, setup_process
-from capsdist.errors import run_cli
+from capsdist.core.cli import add_set_option, setup_process
+from capsdist.core.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

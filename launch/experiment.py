@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from capsdist.cli import add_set_option, setup_process
-from capsdist.errors import ConfigError, run_cli
+from capsdist.core.cli import add_set_option, setup_process
+from capsdist.core.errors import ConfigError, run_cli
 
 
 def _runs(specs: list[str]) -> list[tuple[Path, str]]:

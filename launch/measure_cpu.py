@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from capsdist.busy_cpu import REPO, Plan, measure
-from capsdist.errors import run_cli
+from capsdist.core.errors import run_cli
 
 TINY_MODEL = ["model.A=8", "model.B=2", "model.C=2", "model.D=2", "model.iterations=1"]
 

@@ -8,7 +8,7 @@ metrics.jsonl.
 import argparse
 import sys
 
-from capsdist.errors import run_cli
+from capsdist.core.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:

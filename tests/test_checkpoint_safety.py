@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.errors import CheckpointError
+from capsdist.core.errors import CheckpointError
 from capsdist.train import checkpoint, trainer
 from capsdist.config import load_config
 from train_helpers import REPO, metrics, run, train_command, train_state, weights, write_tiny_config

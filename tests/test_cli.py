@@ -89,7 +89,7 @@ def test_bench_and_bench_data_take_repeated_set(tiny_config, capsys, fresh_accel
 @pytest.mark.e2e
 def test_importing_capsdist_changes_nothing_in_the_process():
     """No environment variable and no logging handler comes from importing the package and its modules: the
-    launch scripts set those up (capsdist.cli.setup_process)."""
+    launch scripts set those up (capsdist.core.cli.setup_process)."""
     probe = (
         "import logging, os\n"
         "before, handlers = dict(os.environ), list(logging.getLogger().handlers)\n"

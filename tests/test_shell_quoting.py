@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from capsdist.config import load_config
-from capsdist.errors import DataError, TrainingError
+from capsdist.core.errors import DataError, TrainingError
 from capsdist.run import data_options, load_data
 from capsdist.train import trainer
 from train_helpers import faulty_loss

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from capsdist.attacks import BIM_STEP_RATIO, BIM_STEPS, bim, fgsm, target_classes
 from capsdist.data.transforms import normalise
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 from capsdist.evaluate import OpenRun, open_runs
 from capsdist.experiments.output import figure, markdown_table, percent, write_outputs
 from capsdist.train.tracking import start_wandb, sync_message, wandb_settings

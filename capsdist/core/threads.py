@@ -10,7 +10,7 @@ process:
     threads    the training process's intra-op threads: the cores left after the workers, at least 1; an
                OMP_NUM_THREADS in the environment is the user's (or torchrun's) choice and wins
 Loader workers decode with one thread each (torch's DataLoader sets one intra-op thread in every worker).
-Idle OpenMP threads should sleep rather than spin: capsdist.cli.setup_process sets OMP_WAIT_POLICY=PASSIVE when
+Idle OpenMP threads should sleep rather than spin: capsdist.core.cli.setup_process sets OMP_WAIT_POLICY=PASSIVE when
 it is unset, before the launch scripts import torch (OpenMP reads it once, when torch loads it). Importing this
 module changes nothing; `apply` sets the intra-op threads and logs the whole budget once.
 """

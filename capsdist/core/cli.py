@@ -28,7 +28,7 @@ def setup_process() -> None:
 
     Idle OpenMP threads sleep instead of spinning at barriers (OMP_WAIT_POLICY=PASSIVE when it is unset), so
     processes that share the cores (loader workers, other jobs) do not slow each other down many-fold
-    (capsdist/threads.py). OpenMP reads it once, when torch loads it: the launch scripts call this before they
+    (capsdist/core/threads.py). OpenMP reads it once, when torch loads it: the launch scripts call this before they
     import torch, and a warning says when torch came first; OMP_WAIT_POLICY=ACTIVE opts out. The trainer logs
     the value with the thread budget.
     """
