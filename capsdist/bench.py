@@ -25,7 +25,7 @@ import torch
 from capsdist.config import Config
 from capsdist.data import DATASETS, input_shape
 from capsdist.core.errors import ConfigError
-from capsdist.loss import make_loss
+from capsdist.model.loss import make_loss
 from capsdist.model import build_model
 from capsdist.run import make_accelerator
 from capsdist.train.metrics import peak_memory_mb

@@ -23,8 +23,7 @@ import yaml
 from capsdist.data import DATASETS, DataOptions
 from capsdist.core.errors import ConfigError
 from capsdist.core.files import write_atomic
-from capsdist.loss import LOSSES, MARGIN_SCHEDULES
-from capsdist.model import INITS, MODEL_SIZES, RECIPE, ROUTING_IMPLS
+from capsdist.model import INITS, LOSSES, MARGIN_SCHEDULES, MODEL_SIZES, RECIPE, ROUTING_IMPLS
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):

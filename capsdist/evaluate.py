@@ -17,7 +17,7 @@ from capsdist.config import Config, config_from_dict
 from capsdist.data import DataOptions, Manifest, eval_loader
 from capsdist.core.errors import CheckpointError, StorageError
 from capsdist.core.files import write_atomic
-from capsdist.loss import LossFn, make_loss
+from capsdist.model.loss import LossFn, make_loss
 from capsdist.run import data_options, load_data, make_accelerator, model_for_data
 from capsdist.train import checkpoint
 from capsdist.train.evaluation import evaluate

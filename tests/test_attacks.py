@@ -8,7 +8,7 @@ import torch
 
 from capsdist.attacks import attack_loss, bim, fgsm, target_classes
 from capsdist.data.transforms import normalise
-from capsdist.loss import categorical_crossentropy
+from capsdist.model.loss import categorical_crossentropy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from capsdist.config import Config
-from capsdist.loss import LossFn
+from capsdist.model.loss import LossFn
 from capsdist.train.health import grad_norm_tensors
 from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
 from capsdist.train.update import GuardedUpdate
