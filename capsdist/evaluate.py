@@ -18,7 +18,7 @@ from capsdist.data import DataOptions, Manifest, eval_loader
 from capsdist.core.errors import CheckpointError, StorageError
 from capsdist.core.files import write_atomic
 from capsdist.model.loss import LossFn, make_loss
-from capsdist.run import data_options, load_data, make_accelerator, model_for_data
+from capsdist.train.build import data_options, load_data, make_accelerator, model_for_data
 from capsdist.train import checkpoint
 from capsdist.train.evaluation import evaluate
 

@@ -30,7 +30,7 @@ def options(args) -> tuple[DataOptions, int]:
 
     if args.config:
         from capsdist.config import load_config
-        from capsdist.run import data_options
+        from capsdist.train.build import data_options
 
         cfg = load_config(args.config, args.overrides)
         opts = data_options(cfg)

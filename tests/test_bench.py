@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from capsdist.bench import BenchSettings, run_benchmark
+from capsdist.train.benchmark import BenchSettings, run_benchmark
 from capsdist.config import load_config
 from capsdist.train import step as step_module
 

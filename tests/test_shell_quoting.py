@@ -11,7 +11,7 @@ import pytest
 
 from capsdist.config import load_config
 from capsdist.core.errors import DataError, TrainingError
-from capsdist.run import data_options, load_data
+from capsdist.train.build import data_options, load_data
 from capsdist.train import trainer
 from train_helpers import faulty_loss
 

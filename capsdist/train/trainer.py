@@ -31,7 +31,7 @@ from capsdist.data import check_same_data, data_identity, steps_per_epoch, train
 from capsdist.core.errors import CheckpointError, ConfigError, TrainingError
 from capsdist.core.files import check_writable_dir
 from capsdist.model.loss import make_loss
-from capsdist.run import data_options, load_data, make_accelerator, model_for_data
+from capsdist.train.build import data_options, load_data, make_accelerator, model_for_data
 from capsdist.train import checkpoint
 from capsdist.train.checkpoint import TrainState
 from capsdist.train.checkpointer import Checkpointer, resume_hint

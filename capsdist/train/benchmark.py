@@ -27,7 +27,7 @@ from capsdist.data import DATASETS, input_shape
 from capsdist.core.errors import ConfigError
 from capsdist.model.loss import make_loss
 from capsdist.model import build_model
-from capsdist.run import make_accelerator
+from capsdist.train.build import make_accelerator
 from capsdist.train.metrics import peak_memory_mb
 from capsdist.train.step import TrainStep
 
