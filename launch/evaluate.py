@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from capsdist.evaluate import evaluate_run
+        from capsdist.experiments.evaluate import evaluate_run
 
         evaluate_run(args.run_dir, args.checkpoint, args.split, args.overrides)
 

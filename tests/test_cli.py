@@ -93,8 +93,8 @@ def test_importing_capsdist_changes_nothing_in_the_process():
     probe = (
         "import logging, os\n"
         "before, handlers = dict(os.environ), list(logging.getLogger().handlers)\n"
-        "import capsdist, capsdist.config, capsdist.train.build, capsdist.evaluate, capsdist.train.benchmark\n"
-        "import capsdist.train.trainer\n"
+        "import capsdist, capsdist.config, capsdist.train.build, capsdist.train.benchmark, capsdist.train.trainer\n"
+        "import capsdist.experiments.evaluate\n"
         "changed = sorted(k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k))\n"
         "assert not changed, changed\n"
         "assert logging.getLogger().handlers == handlers, logging.getLogger().handlers\n"

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from capsdist.curves import plot_curves, read_curves
+from capsdist.experiments.curves import plot_curves, read_curves
 from capsdist.core.errors import ConfigError
 
 

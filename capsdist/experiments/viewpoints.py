@@ -24,7 +24,7 @@ from pathlib import Path
 
 from capsdist.config import load_config
 from capsdist.core.errors import ConfigError
-from capsdist.evaluate import OpenRun, open_runs
+from capsdist.experiments.evaluate import OpenRun, open_runs
 from capsdist.experiments.output import figure, markdown_table, percent, write_outputs
 from capsdist.train import checkpoint
 
