@@ -66,7 +66,7 @@ def test_launch_scripts_set_up_the_process_before_torch_loads(script):
     code = (
         "import importlib.util, os, sys; "
         f"spec = importlib.util.spec_from_file_location('script', {str(ROOT / 'launch' / script)!r}); "
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+        "module = sys.modules['script'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
         "import capsdist.core.threads, capsdist.model; "
         "print('torch' in sys.modules, 'OMP_WAIT_POLICY' in os.environ)"
     )
