@@ -21,10 +21,9 @@ from typing import Any, Literal
 import yaml
 
 from capsdist.data import DATASETS, DataOptions
-from capsdist.errors import ConfigError
-from capsdist.files import write_atomic
-from capsdist.loss import LOSSES, MARGIN_SCHEDULES
-from capsdist.model import INITS, MODEL_SIZES, RECIPE, ROUTING_IMPLS
+from capsdist.core.errors import ConfigError
+from capsdist.core.files import write_atomic
+from capsdist.model import INITS, LOSSES, MARGIN_SCHEDULES, MODEL_SIZES, RECIPE, ROUTING_IMPLS
 
 
 def _num(default: float, lo: float | None = None, hi: float | None = None, *, open_lo: bool = False):
@@ -68,7 +67,7 @@ class DataConfig:
     channels: Literal["both", "left"] = _DATA.channels  # smallNORB stereo channels
     augment: bool = _DATA.augment  # training augmentation
     pad_crop: int = _num(_DATA.pad_crop, 0)  # MNIST-likes: pad by N then random-crop back
-    # loader workers per process; auto (not DataOptions' count): from the cores and processes (capsdist.threads)
+    # loader workers per process; auto (not DataOptions' count): from the cores and processes (capsdist.core.threads)
     num_workers: int | Literal["auto"] = _num("auto", 0)
     shuffle_buffer: int = _num(_DATA.shuffle_buffer, 1)  # WebDataset shuffle buffer (samples)
     skip_corrupt: bool = _DATA.skip_corrupt  # skip corrupt samples instead of failing

@@ -1,9 +1,9 @@
-"""Benchmark a model's training and inference steps on synthetic input of a config's shape (capsdist.bench).
+"""Benchmark a model's training and inference steps on synthetic input of a config's shape (capsdist.train.benchmark).
 
     python launch/bench.py --config configs/full.yaml --batch-size 8 --steps 10 [--compile]
         [--mixed-precision bf16|fp16|no] [--device cpu|cuda] [--in-channels 1] [--set model.iterations=2]
 
-Prints one JSON line: the dict that capsdist.bench.run_benchmark returns.
+Prints one JSON line: the dict that capsdist.train.benchmark.run_benchmark returns.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ import argparse
 import json
 import sys
 
-from capsdist.cli import add_set_option, setup_process
-from capsdist.errors import run_cli
+from capsdist.core.cli import add_set_option, setup_process
+from capsdist.core.errors import run_cli
 
-# capsdist.bench and capsdist.config import torch: they are imported in main, after setup_process (OMP_WAIT_POLICY)
+# capsdist.train.benchmark and capsdist.config import torch: they are imported in main, after setup_process
+# (OMP_WAIT_POLICY)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from capsdist.bench import BenchSettings, run_benchmark
+        from capsdist.train.benchmark import BenchSettings, run_benchmark
         from capsdist.config import load_config
 
         cfg = load_config(args.config, args.overrides)

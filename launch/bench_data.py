@@ -16,8 +16,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from capsdist.cli import add_set_option, setup_process
-from capsdist.errors import run_cli
+from capsdist.core.cli import add_set_option, setup_process
+from capsdist.core.errors import run_cli
 
 # capsdist.data imports torch: it is imported where used, after setup_process (OMP_WAIT_POLICY)
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def options(args) -> tuple[DataOptions, int]:
 
     if args.config:
         from capsdist.config import load_config
-        from capsdist.run import data_options
+        from capsdist.train.build import data_options
 
         cfg = load_config(args.config, args.overrides)
         opts = data_options(cfg)

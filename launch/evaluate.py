@@ -11,8 +11,8 @@ the numbers are exactly those of one process (each sample is counted once).
 import argparse
 import sys
 
-from capsdist.cli import add_set_option, setup_process
-from capsdist.errors import run_cli
+from capsdist.core.cli import add_set_option, setup_process
+from capsdist.core.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from capsdist.evaluate import evaluate_run
+        from capsdist.experiments.evaluate import evaluate_run
 
         evaluate_run(args.run_dir, args.checkpoint, args.split, args.overrides)
 

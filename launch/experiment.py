@@ -7,7 +7,7 @@ viewpoints   smallNORB novel viewpoints (capsdist.experiments.viewpoints). Eithe
                  --run-dir CAPS[=LABEL] --run-dir CNN[=LABEL] --out DIR [--split S] [--set K=V ...]
              (--set then overrides both runs' config.yaml, e.g. data.shards). Every checkpoint is evaluated on
              familiar and novel test viewpoints; writes DIR/viewpoints-<split>.json, .md and .png.
-adversarial  FGSM or BIM (capsdist.attacks) against the checkpoint of each run:
+adversarial  FGSM or BIM (capsdist.experiments.attacks) against the checkpoint of each run:
                  --run-dir DIR[=LABEL] ... --attack fgsm|bim --targeted|--untargeted --eps 0 0.01 0.05 ... --out DIR
                  [--limit N] [--steps N] [--checkpoint best|latest|PATH ...] [--seed S] [--set K=V ...]
              writes DIR/adversarial-<attack>-<targeted|untargeted>.json, .md and .png, and logs W&B line plots when
@@ -20,8 +20,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from capsdist.cli import add_set_option, setup_process
-from capsdist.errors import ConfigError, run_cli
+from capsdist.core.cli import add_set_option, setup_process
+from capsdist.core.errors import ConfigError, run_cli
 
 
 def _runs(specs: list[str]) -> list[tuple[Path, str]]:
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             run_viewpoints(_runs(args.run_dir), args.out, split=args.split, overrides=args.overrides)
 
     def adversarial():
-        from capsdist.attacks import BIM_STEPS
+        from capsdist.experiments.attacks import BIM_STEPS
         from capsdist.experiments.adversarial import AttackSpec, run_adversarial
 
         if args.steps is not None and args.attack != "bim":

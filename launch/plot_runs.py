@@ -8,7 +8,7 @@ metrics.jsonl.
 import argparse
 import sys
 
-from capsdist.errors import run_cli
+from capsdist.core.errors import run_cli
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from capsdist.curves import plot_curves, read_curves
+        from capsdist.experiments.curves import plot_curves, read_curves
 
         specs = [spec.partition("=") for spec in args.runs]
         runs = [read_curves(path, label, smooth_steps=args.smooth_steps, x=args.x) for path, _, label in specs]

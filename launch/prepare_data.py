@@ -15,7 +15,7 @@ from pathlib import Path
 
 from capsdist.data.shards import prepare
 from capsdist.data.sources import DATASETS
-from capsdist.errors import run_cli
+from capsdist.core.errors import run_cli
 
 
 def parse_subset(text: str) -> dict[str, int]:

@@ -13,8 +13,8 @@ A capsdist error (bad config, missing data, unusable checkpoint) prints its mess
 import argparse
 import sys
 
-from capsdist.cli import add_set_option, setup_process
-from capsdist.errors import run_cli
+from capsdist.core.cli import add_set_option, setup_process
+from capsdist.core.errors import run_cli
 
 # capsdist.config and the trainer import torch: they are imported in main, after setup_process (OMP_WAIT_POLICY)
 

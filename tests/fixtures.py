@@ -8,6 +8,7 @@ import gzip
 import hashlib
 import importlib.util
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,14 @@ def prepare_idx_shards(root: Path, n_train: int, n_test: int, shard_size: int) -
 
 
 def launch_script(name: str):
-    """launch/<name>.py loaded as a module, so a test can call its main(argv) in process."""
+    """launch/<name>.py loaded as the module launch_<name>, so a test can call its main(argv) and its functions in
+    process. The module is in sys.modules while it runs, as an imported one is (dataclasses look their module up)."""
     spec = importlib.util.spec_from_file_location(f"launch_{name}", REPO / "launch" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
     return module

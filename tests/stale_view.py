@@ -9,7 +9,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from capsdist.cli import setup_process
+from capsdist.core.cli import setup_process
 
 setup_process()  # before torch is imported, as launch/train.py does
 

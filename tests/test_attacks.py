@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsdist.attacks import attack_loss, bim, fgsm, target_classes
+from capsdist.experiments.attacks import attack_loss, bim, fgsm, target_classes
 from capsdist.data.transforms import normalise
-from capsdist.loss import categorical_crossentropy
+from capsdist.model.loss import categorical_crossentropy
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

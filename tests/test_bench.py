@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from capsdist.bench import BenchSettings, run_benchmark
+from capsdist.train.benchmark import BenchSettings, run_benchmark
 from capsdist.config import load_config
 from capsdist.train import step as step_module
 
@@ -34,7 +34,7 @@ def test_the_bench_times_the_trainers_step(tiny_config, monkeypatch, fresh_accel
 
 def test_the_bench_shares_the_cpu_as_the_trainer_does(tiny_config, monkeypatch, fresh_accelerator):
     """The bench ticks a CpuShare each step, as the trainer does, and reports where it left the threads."""
-    import capsdist.bench as bench_module
+    import capsdist.train.benchmark as bench_module
 
     ticks = []
     monkeypatch.setattr(bench_module.CpuShare, "tick", lambda self, now: ticks.append(now))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.errors import CheckpointError
+from capsdist.core.errors import CheckpointError
 from capsdist.train import checkpoint, trainer
 from capsdist.config import load_config
 from train_helpers import REPO, metrics, run, train_command, train_state, weights, write_tiny_config
@@ -93,7 +93,7 @@ def test_a_checkpoint_never_runs_code(run_dir, tmp_path):
 def test_evaluation_reads_the_checkpoint_it_verified(run_dir, monkeypatch, change):
     """A training run's retention (or a new `best`) can take the checkpoint away between its verification and its
     reading: the evaluation then stops with a message saying so, never a FileNotFoundError or another one's weights."""
-    from capsdist.evaluate import evaluate_run
+    from capsdist.experiments.evaluate import evaluate_run
 
     real = checkpoint.resolve
 

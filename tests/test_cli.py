@@ -89,11 +89,12 @@ def test_bench_and_bench_data_take_repeated_set(tiny_config, capsys, fresh_accel
 @pytest.mark.e2e
 def test_importing_capsdist_changes_nothing_in_the_process():
     """No environment variable and no logging handler comes from importing the package and its modules: the
-    launch scripts set those up (capsdist.cli.setup_process)."""
+    launch scripts set those up (capsdist.core.cli.setup_process)."""
     probe = (
         "import logging, os\n"
         "before, handlers = dict(os.environ), list(logging.getLogger().handlers)\n"
-        "import capsdist, capsdist.config, capsdist.run, capsdist.evaluate, capsdist.bench, capsdist.train.trainer\n"
+        "import capsdist, capsdist.config, capsdist.train.build, capsdist.train.benchmark, capsdist.train.trainer\n"
+        "import capsdist.experiments.evaluate\n"
         "changed = sorted(k for k in set(os.environ) | set(before) if os.environ.get(k) != before.get(k))\n"
         "assert not changed, changed\n"
         "assert logging.getLogger().handlers == handlers, logging.getLogger().handlers\n"

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from capsdist.config import Config, changed_keys, config_dict, config_from_dict, load_config, save_config
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 from capsdist.model import PAPER
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -1,4 +1,4 @@
-"""capsdist.cpu_share: the intra-op threads follow what other processes leave of the machine's CPUs."""
+"""capsdist.core.cpu_share: the intra-op threads follow what other processes leave of the machine's CPUs."""
 
 import logging
 import os
@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from capsdist.cpu_share import CpuShare
+from capsdist.core.cpu_share import CpuShare
 
 log = logging.getLogger("test")
 

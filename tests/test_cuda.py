@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.loss import spread_loss
+from capsdist.model.loss import spread_loss
 from capsdist.model import CapsNet
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

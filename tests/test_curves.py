@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from capsdist.curves import plot_curves, read_curves
-from capsdist.errors import ConfigError
+from capsdist.experiments.curves import plot_curves, read_curves
+from capsdist.core.errors import ConfigError
 
 
 def _run(tmp_path, batch=32):

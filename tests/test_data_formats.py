@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from capsdist.data.formats import parse_idx, parse_norb, read_bytes
-from capsdist.errors import DataError
+from capsdist.core.errors import DataError
 from fixtures import idx_bytes, norb_bytes, write
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from capsdist.data import DataOptions, eval_loader, load_manifest
-from capsdist.errors import DataError
+from capsdist.core.errors import DataError
 from fixtures import prepare_idx_shards
 from train_helpers import free_port
 

@@ -18,7 +18,7 @@ from capsdist.data import shards
 from capsdist.data import DataOptions, eval_loader, input_shape, load_manifest, steps_per_epoch, train_loader
 from capsdist.data.plan import TRAIN_AZIMUTHS, TRAIN_ELEVATIONS
 from capsdist.data.transforms import normalise, standardize
-from capsdist.errors import ConfigError, DataError
+from capsdist.core.errors import ConfigError, DataError
 from fixtures import make_norb_source, trust
 
 N_TRAIN, N_TEST, SHARD = 90, 45, 13  # 7 train shards (odd, last one short), 4 test shards

@@ -21,7 +21,7 @@ from PIL import Image
 import capsdist
 from capsdist.data import shards, sources
 from capsdist.data.manifest import load_manifest
-from capsdist.errors import DataError
+from capsdist.core.errors import DataError
 from fixtures import make_idx_source, make_norb_source, norb_bytes, trust, write
 
 ROOT = Path(__file__).resolve().parents[1]

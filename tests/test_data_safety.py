@@ -19,8 +19,8 @@ import pytest
 from capsdist.config import load_config
 from capsdist.data.shards import png
 from capsdist.data import DataOptions, eval_loader, load_manifest
-from capsdist.errors import DataError
-from capsdist.run import data_options, load_data
+from capsdist.core.errors import DataError
+from capsdist.train.build import data_options, load_data
 from fixtures import prepare_idx_shards
 
 N_TRAIN, N_TEST = 40, 20

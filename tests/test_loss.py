@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from capsdist.loss import categorical_crossentropy, make_loss, margin_at, spread_loss, squared_hinge
+from capsdist.model.loss import categorical_crossentropy, make_loss, margin_at, spread_loss, squared_hinge
 
 # Two samples, three classes; targets 0 and 1.
 ACTS = torch.tensor([[0.9, 0.3, 0.8], [0.2, 0.6, 0.5]])

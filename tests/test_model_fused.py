@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("triton")
 
 from capsdist.config import load_config  # noqa: E402
-from capsdist.errors import ConfigError  # noqa: E402
-from capsdist.loss import spread_loss  # noqa: E402
+from capsdist.core.errors import ConfigError  # noqa: E402
+from capsdist.model.loss import spread_loss  # noqa: E402
 from capsdist.model import CapsNet, RoutingSettings, fused_votes, layers  # noqa: E402
 from capsdist.model.layers import ConvCaps  # noqa: E402
 from capsdist.model.routing import VoteFactors, route  # noqa: E402

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from capsdist.loss import spread_loss
+from capsdist.model.loss import spread_loss
 from capsdist.model import CapsNet
 
 
@@ -68,7 +68,7 @@ def test_default_recipe_learns_a_small_task():
     temperature 4, lr 1e-2); the paper's 3 iterations at lr 3e-3 reach 28.5%, and 2 iterations at temperature 1
     63.7%, so a change that brings back slow routing fails here."""
     from capsdist.config import LossConfig, ModelConfig, OptimConfig
-    from capsdist.loss import make_loss
+    from capsdist.model.loss import make_loss
     from capsdist.model import build_model
 
     g = torch.Generator().manual_seed(0)

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 
 from capsdist.config import load_config
-from capsdist.errors import DataError, TrainingError
-from capsdist.run import data_options, load_data
+from capsdist.core.errors import DataError, TrainingError
+from capsdist.train.build import data_options, load_data
 from capsdist.train import trainer
 from train_helpers import faulty_loss
 

@@ -1,4 +1,5 @@
-"""CPU thread budget (capsdist.threads): auto loader workers, intra-op threads, the setting resolved once per run."""
+"""CPU thread budget (capsdist.core.threads): auto loader workers, intra-op threads, the setting resolved once per
+run."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from capsdist import threads
+from capsdist.core import threads
 from capsdist.config import load_config
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 from capsdist.train import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def test_an_explicit_omp_num_threads_wins(monkeypatch):
 
 
 def test_setup_process_sets_omp_wait_policy_only_when_unset(monkeypatch):
-    from capsdist.cli import setup_process
+    from capsdist.core.cli import setup_process
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
@@ -56,8 +57,8 @@ def test_setup_process_sets_omp_wait_policy_only_when_unset(monkeypatch):
 
 
 def test_setup_process_for_training_leaves_openmp_its_default_wait(monkeypatch):
-    """The training scripts keep OpenMP's short spin (capsdist.cpu_share shares the cores); a user's policy wins."""
-    from capsdist.cli import setup_process
+    """The training scripts keep OpenMP's short spin (capsdist.core.cpu_share shares the cores); a user's policy wins."""
+    from capsdist.core.cli import setup_process
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
@@ -78,8 +79,8 @@ def test_launch_scripts_set_up_the_process_before_torch_loads(script):
     code = (
         "import importlib.util, os, sys; "
         f"spec = importlib.util.spec_from_file_location('script', {str(ROOT / 'launch' / script)!r}); "
-        "module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
-        "import capsdist.threads, capsdist.model; "
+        "module = sys.modules['script'] = importlib.util.module_from_spec(spec); spec.loader.exec_module(module); "
+        "import capsdist.core.threads, capsdist.model; "
         "print('torch' in sys.modules, 'OMP_WAIT_POLICY' in os.environ)"
     )
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}

@@ -13,7 +13,7 @@ import yaml
 from capsdist.config import load_config
 from capsdist.data.manifest import load_manifest
 from capsdist.data.plan import select
-from capsdist.errors import TrainingError
+from capsdist.core.errors import TrainingError
 from capsdist.train import checkpoint, trainer
 from train_helpers import STEPS_PER_EPOCH, faulty_loss, losses, metrics, run, train_command, train_state
 

@@ -91,7 +91,7 @@ def test_a_rank_that_cannot_read_the_choice_stops_every_rank_before_anything_cha
 
 
 def test_the_elastic_agent_restarts_a_group_that_lost_a_rank(config, reference, tmp_path):
-    """kill -9 of rank 1 under `python -m capsdist.launch --max_restarts 1`: the agent ends rank 0, starts both
+    """kill -9 of rank 1 under `python -m capsdist.train.launch --max_restarts 1`: the agent ends rank 0, starts both
     again, and --resume auto continues from the newest checkpoint; the losses are those of an uninterrupted run."""
     run_dir = tmp_path / "elastic"
     cmd = train_command(

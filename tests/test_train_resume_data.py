@@ -12,7 +12,7 @@ import shutil
 import pytest
 
 from capsdist.config import load_config
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 from capsdist.train import checkpoint, trainer
 from test_checkpoint_safety import _rehash
 from train_helpers import last_step

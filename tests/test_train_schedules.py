@@ -3,7 +3,7 @@
 import pytest
 
 from capsdist.config import load_config
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 from train_helpers import TRAIN, metrics, run, train_command
 
 

@@ -21,9 +21,9 @@ import pytest
 from accelerate import Accelerator
 
 from capsdist.config import load_config
-from capsdist.errors import StorageError
-from capsdist.evaluate import evaluate_run
-from capsdist.files import write_atomic
+from capsdist.core.errors import StorageError
+from capsdist.experiments.evaluate import evaluate_run
+from capsdist.core.files import write_atomic
 from capsdist.train import checkpoint, trainer
 from capsdist.train.tracking import wandb_settings
 from train_helpers import metrics

@@ -13,7 +13,7 @@ import pytest
 
 from capsdist.config import load_config
 from capsdist.data import shards, sources
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 from fixtures import make_idx_source, make_norb_source, trust
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -74,14 +74,14 @@ def train_command(
     config: Path, *args: str, procs: int = 1, launch: tuple[str, ...] = (), script: Path = REPO / "launch" / "train.py"
 ) -> list[str]:
     """The command line of `script` (launch/train.py) on 1 process (python) or `procs` CPU processes
-    (capsdist.launch, with the extra launcher arguments `launch`)."""
+    (capsdist.train.launch, with the extra launcher arguments `launch`)."""
     script = [str(script), "--config", str(config), *args]
     if procs == 1:
         return [sys.executable, *script]
     return [
         sys.executable,
         "-m",
-        "capsdist.launch",
+        "capsdist.train.launch",
         "--config_file",
         str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"),
         "--num_processes",

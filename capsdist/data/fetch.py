@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 from webdataset import gopen
 
-from capsdist.errors import DataError
+from capsdist.core.errors import DataError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

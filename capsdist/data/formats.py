@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capsdist.errors import DataError
+from capsdist.core.errors import DataError
 
 NORB_TYPES = {
     0x1E3D4C51: np.dtype("<f4"),  # single precision matrix

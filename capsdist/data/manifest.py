@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 from capsdist.data.fetch import read_url
-from capsdist.errors import DataError
+from capsdist.core.errors import DataError
 
 FORMAT = 1
 MANIFEST = "manifest.json"

@@ -43,7 +43,7 @@ from capsdist.data import fetch
 from capsdist.data import plan as plans
 from capsdist.data.manifest import Manifest
 from capsdist.data.transforms import SampleTransform, input_shape
-from capsdist.errors import ConfigError, DataError
+from capsdist.core.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 _TAG_SHUFFLE = 0x5348

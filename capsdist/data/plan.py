@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from capsdist.data.manifest import Manifest
-from capsdist.errors import ConfigError, DataError
+from capsdist.core.errors import ConfigError, DataError
 
 TRAIN_AZIMUTHS = frozenset({30, 32, 34, 0, 2, 4})  # azimuth index * 10 = 300..340, 0..40 degrees (paper)
 TRAIN_ELEVATIONS = frozenset({0, 1, 2})  # the 3 lowest elevations (30, 35, 40 degrees)

@@ -34,8 +34,8 @@ from webdataset import ShardWriter
 import capsdist
 from capsdist.data.manifest import FORMAT, MANIFEST, Manifest, load_manifest, manifest_json
 from capsdist.data.sources import RawSplit, fetch, load_split, locate, spec
-from capsdist.errors import DataError
-from capsdist.files import sha256_file, write_atomic
+from capsdist.core.errors import DataError
+from capsdist.core.files import sha256_file, write_atomic
 
 SHUFFLE_SEED = 20180501  # fixed: the same raw files always give the same shards
 MARKER = ".prepare-incomplete"

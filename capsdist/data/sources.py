@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from capsdist.data.formats import parse_idx, parse_norb, read_bytes
-from capsdist.errors import DataError
+from capsdist.core.errors import DataError
 
 NORB_URL = "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"
 NORB_TRAIN = "smallnorb-5x46789x9x18x6x2x96x96-training-"

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 
 NORB_RESIZE, NORB_CROP = 48, 32
 MAX_BRIGHTNESS_DELTA = 0.4

@@ -1,13 +1,13 @@
 """The paper's adversarial experiment: accuracy and attack success rate against epsilon, for several trained runs.
 
-The chosen checkpoint of each run (`best` by default) is attacked (capsdist.attacks: FGSM or BIM, untargeted or
-targeted) on the same images: the first `limit` images of the test split in index order, which is the shards'
-order, a fixed seeded shuffle made at preparation (all of the split without a limit). Epsilon is in pixel units of
+The chosen checkpoint of each run (`best` by default) is attacked (capsdist.experiments.attacks: FGSM or BIM,
+untargeted or targeted) on the same images: the first `limit` images of the test split in index order, which is the
+shards' order, a fixed seeded shuffle made at preparation (all of the split without a limit). Epsilon is in pixel units of
 [0, 1].
 
 Success rate, untargeted: of the images the model classified correctly before the attack, the fraction it
 misclassifies after. Targeted: the fraction of all images classified as their target class after the attack
-(targets: `capsdist.attacks.target_classes`, the same for every model). Accuracy is over all images.
+(targets: `capsdist.experiments.attacks.target_classes`, the same for every model). Accuracy is over all images.
 
 `run_adversarial` writes <out>/adversarial-<attack>-<targeted|untargeted>.json, .md and .png, and logs both curves
 to W&B as line plots, plus a table, when the first run's config enables W&B (logging.wandb.mode; offline without
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from capsdist.attacks import BIM_STEP_RATIO, BIM_STEPS, bim, fgsm, target_classes
+from capsdist.experiments.attacks import BIM_STEP_RATIO, BIM_STEPS, bim, fgsm, target_classes
 from capsdist.data.transforms import normalise
-from capsdist.errors import ConfigError
-from capsdist.evaluate import OpenRun, open_runs
+from capsdist.core.errors import ConfigError
+from capsdist.experiments.evaluate import OpenRun, open_runs
 from capsdist.experiments.output import figure, markdown_table, percent, write_outputs
 from capsdist.train.tracking import start_wandb, sync_message, wandb_settings
 
@@ -162,7 +162,7 @@ def run_adversarial(
         "bim_step_size": f"{BIM_STEP_RATIO} * eps / steps" if spec.name == "bim" else None,
         "target_seed": spec.seed if spec.targeted else None,
         "images": {"split": "test", "first": limit, "count": models[0]["count"]},
-        "loss": "cross-entropy of the class scores normalised to sum 1 (capsdist.attacks.attack_loss)",
+        "loss": "cross-entropy of the class scores normalised to sum 1 (capsdist.experiments.attacks.attack_loss)",
         "models": models,
     }
     for path in write_outputs(out, f"adversarial-{spec.key}", result, _table(result), _plot(result)):

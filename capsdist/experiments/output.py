@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from capsdist.files import write_atomic, write_figure
+from capsdist.core.files import write_atomic, write_figure
 
 
 def figure(panels: int):

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from capsdist.config import load_config
-from capsdist.errors import ConfigError
-from capsdist.evaluate import OpenRun, open_runs
+from capsdist.core.errors import ConfigError
+from capsdist.experiments.evaluate import OpenRun, open_runs
 from capsdist.experiments.output import figure, markdown_table, percent, write_outputs
 from capsdist.train import checkpoint
 

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from capsdist.errors import ConfigError
+from capsdist.core.errors import ConfigError
 from capsdist.model.materialised_votes import MaterialisedVotes
 from capsdist.model.routing import P, RoutingResult, RoutingSettings, VoteFactors, fully_connected, route, routing_dtype
 from capsdist.model.windows import WindowGrid

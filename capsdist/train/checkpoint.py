@@ -51,8 +51,8 @@ from accelerate.utils import broadcast_object_list, gather_object
 from accelerate.utils import load as safe_load
 from safetensors.torch import load as safetensors_load
 
-from capsdist.errors import CapsdistError, CheckpointError, TrainingError
-from capsdist.files import copy_durable, fsync_dir, sha256_file, storage_error, write_atomic
+from capsdist.core.errors import CapsdistError, CheckpointError, TrainingError
+from capsdist.core.files import copy_durable, fsync_dir, sha256_file, storage_error, write_atomic
 
 log = logging.getLogger(__name__)
 

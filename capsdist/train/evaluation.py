@@ -3,7 +3,7 @@
 Every rank evaluates its share of the split; the rows (sample index, label, prediction) are
 gathered on all ranks, padding rows (index -1) are dropped and each index is counted once, so
 1 or N processes give exactly the same numbers. The trainer runs it at epoch ends and every
-eval.every_steps; capsdist.evaluate runs it on a saved checkpoint.
+eval.every_steps; capsdist.experiments.evaluate runs it on a saved checkpoint.
 """
 
 from __future__ import annotations

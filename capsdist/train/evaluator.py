@@ -13,7 +13,7 @@ from accelerate import Accelerator
 
 from capsdist.config import Config
 from capsdist.data import DataOptions, eval_loader
-from capsdist.loss import LossFn
+from capsdist.model.loss import LossFn
 from capsdist.train.evaluation import evaluate
 from capsdist.train.tracking import Tracker
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from capsdist.config import Config
-from capsdist.errors import TrainingError
+from capsdist.core.errors import TrainingError
 from capsdist.train.checkpoint import TrainState
 
 log = logging.getLogger("capsdist")

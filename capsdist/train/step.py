@@ -1,5 +1,5 @@
-"""One global training step, shared by the trainer and the benchmark (capsdist/bench.py), so the bench times the
-step that trains.
+"""One global training step, shared by the trainer and the benchmark (capsdist/train/benchmark.py), so the bench
+times the step that trains.
 
 In order: forward through the model Accelerate prepared (its autocast under mixed precision), the loss at the images
 seen, the step's one all-reduce (non-finite flag, stop request, correct count, loss sum, skipped samples), backward
@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from capsdist.config import Config
-from capsdist.loss import LossFn
+from capsdist.model.loss import LossFn
 from capsdist.train.health import grad_norm_tensors
 from capsdist.train.optim import build_optimizer, learning_rate, set_learning_rate
 from capsdist.train.update import GuardedUpdate

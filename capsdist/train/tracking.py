@@ -29,8 +29,8 @@ import numpy as np
 from accelerate import Accelerator
 
 from capsdist.config import Config, config_dict
-from capsdist.errors import ConfigError
-from capsdist.files import check_writable_dir, write_atomic, writing
+from capsdist.core.errors import ConfigError
+from capsdist.core.files import check_writable_dir, write_atomic, writing
 
 MODES = ("online", "offline", "disabled")
 _RUN_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # what a W&B run id may hold (capsdist writes 12 hex digits)

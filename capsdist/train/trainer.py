@@ -26,14 +26,14 @@ import torch
 import yaml
 from accelerate.utils import broadcast_object_list, set_seed
 
-from capsdist import threads
-from capsdist.cpu_share import CpuShare
+from capsdist.core import threads
+from capsdist.core.cpu_share import CpuShare
 from capsdist.config import Config, changed_keys, config_dict, save_config
 from capsdist.data import check_same_data, data_identity, steps_per_epoch, train_loader
-from capsdist.errors import CheckpointError, ConfigError, TrainingError
-from capsdist.files import check_writable_dir
-from capsdist.loss import make_loss
-from capsdist.run import data_options, load_data, make_accelerator, model_for_data
+from capsdist.core.errors import CheckpointError, ConfigError, TrainingError
+from capsdist.core.files import check_writable_dir
+from capsdist.model.loss import make_loss
+from capsdist.train.build import data_options, load_data, make_accelerator, model_for_data
 from capsdist.train import checkpoint
 from capsdist.train.checkpoint import TrainState
 from capsdist.train.checkpointer import Checkpointer, resume_hint

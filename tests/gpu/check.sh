@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check of issue 9, prepared for a session lent a GPU: under 8 minutes on one H100, nothing to set up.
+# The GPU check (the fused kernels on CUDA, the bench figures, the CUDA tests), prepared for a session lent a GPU:
+# under 8 minutes on one H100, nothing to set up.
 #
 #   OUT=/some/dir tests/gpu/check.sh        (OUT defaults to ./gpu-check; PYTHON defaults to python)
 #

@@ -25,7 +25,7 @@ from typing import Callable
 import psutil
 import torch
 
-from capsdist import threads
+from capsdist.core import threads
 
 CHILDREN_REFRESH_S = 5.0  # loader workers start with each epoch; looking them up every sample would cost more
 

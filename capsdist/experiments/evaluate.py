@@ -15,10 +15,10 @@ from accelerate import Accelerator
 
 from capsdist.config import Config, config_from_dict
 from capsdist.data import DataOptions, Manifest, eval_loader
-from capsdist.errors import CheckpointError, StorageError
-from capsdist.files import write_atomic
-from capsdist.loss import LossFn, make_loss
-from capsdist.run import data_options, load_data, make_accelerator, model_for_data
+from capsdist.core.errors import CheckpointError, StorageError
+from capsdist.core.files import write_atomic
+from capsdist.model.loss import LossFn, make_loss
+from capsdist.train.build import data_options, load_data, make_accelerator, model_for_data
 from capsdist.train import checkpoint
 from capsdist.train.evaluation import evaluate
 

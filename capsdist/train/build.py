@@ -13,10 +13,10 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
-from capsdist import threads
+from capsdist.core import threads
 from capsdist.config import Config
 from capsdist.data import DataOptions, input_shape, is_remote, load_manifest, prepare, prepare_command
-from capsdist.errors import DataError
+from capsdist.core.errors import DataError
 from capsdist.model import build_model
 
 
@@ -59,7 +59,7 @@ def _restarted_process_group(timeout: timedelta) -> None:
 
 def data_options(cfg: Config) -> DataOptions:
     """The loaders' options: every DataOptions field from the `data` section, the shards' location resolved
-    (Config.shards), data.num_workers: auto resolved from this process's cores (capsdist.threads) and
+    (Config.shards), data.num_workers: auto resolved from this process's cores (capsdist.core.threads) and
     train.seed, which seeds the data order."""
     fields = {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(DataOptions) if hasattr(cfg.data, f.name)}
     workers = threads.budget(cfg.data.num_workers).workers

@@ -10,8 +10,8 @@ process:
     threads    the training process's intra-op threads: the cores left after the workers, at least 1; an
                OMP_NUM_THREADS in the environment is the user's (or torchrun's) choice and wins
 Loader workers decode with one thread each (torch's DataLoader sets one intra-op thread in every worker).
-How idle OpenMP threads wait is set by capsdist.cli.setup_process before the launch scripts import torch (OpenMP
-reads it once): the training scripts keep OpenMP's short spin, and capsdist.cpu_share lowers the intra-op threads
+How idle OpenMP threads wait is set by capsdist.core.cli.setup_process before the launch scripts import torch (OpenMP
+reads it once): the training scripts keep OpenMP's short spin, and capsdist.core.cpu_share lowers the intra-op threads
 while other processes want the cores; the others sleep at once (OMP_WAIT_POLICY=PASSIVE). Importing this module
 changes nothing; `apply` sets the intra-op threads and logs the whole budget once.
 """

@@ -1,42 +1,26 @@
-"""launch/measure_cpu.py (capsdist/busy_cpu.py) runs end to end with tiny models and writes every figure."""
+"""launch/measure_cpu.py runs end to end with tiny models and writes every figure."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from fixtures import launch_script
+from train_helpers import REPO
 
 
 @pytest.mark.e2e
 def test_measure_cpu_tiny_writes_every_figure(tmp_path):
     out = tmp_path / "cpu.json"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    args = ["--tiny", "--out", str(out), "--policies", "PASSIVE", "--workers", "0", "auto"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
-        [
-            sys.executable,
-            "launch/measure_cpu.py",
-            "--tiny",
-            "--out",
-            str(out),
-            "--policies",
-            "PASSIVE",
-            "--workers",
-            "0",
-            "auto",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [sys.executable, "launch/measure_cpu.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -49,24 +33,17 @@ def test_measure_cpu_tiny_writes_every_figure(tmp_path):
     assert result["bench_same_shape"]["input"] == [1, 28, 28]
 
 
-def _load_measure_cpu():
-    spec = importlib.util.spec_from_file_location("measure_cpu", ROOT / "launch" / "measure_cpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _option(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args else None
 
 
 @pytest.mark.parametrize("tiny", [False, True])
 def test_the_same_shape_bench_runs_the_training_runs_batch(tiny):
-    """The trainer is compared with launch/bench.py on its own model, shape and batch size (issue 9)."""
-    plan = _load_measure_cpu().plan_for(tiny)
-    config = yaml.safe_load((ROOT / plan.train_config).read_text())
+    """The trainer is compared with launch/bench.py on its own model, shape and batch size."""
+    plan = launch_script("measure_cpu").plan_for(tiny)
+    config = yaml.safe_load((REPO / plan.train_config).read_text())
     overrides = dict(kv.split("=", 1) for kv in plan.train_overrides)
     train_batch = int(overrides.get("train.batch_size", config["train"]["batch_size"]))
-    bench_config = yaml.safe_load((ROOT / _option(plan.bench_same_shape, "--config")).read_text())
+    bench_config = yaml.safe_load((REPO / _option(plan.bench_same_shape, "--config")).read_text())
     bench_batch = int(_option(plan.bench_same_shape, "--batch-size") or bench_config["train"]["batch_size"])
     assert bench_batch == train_batch

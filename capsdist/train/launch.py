@@ -1,4 +1,4 @@
-"""`accelerate launch` that stops cleanly on SIGTERM: `python -m capsdist.launch [accelerate launch arguments]`.
+"""`accelerate launch` that stops cleanly on SIGTERM: `python -m capsdist.train.launch [accelerate launch arguments]`.
 
 torch's elastic agent (behind `accelerate launch` and `torchrun`) turns a SIGTERM to the launcher into
 a SignalException: it signals the workers, gives them 30 s, and exits 1 with a traceback even when

@@ -23,14 +23,14 @@ import time
 
 import torch
 
-from capsdist import threads
+from capsdist.core import threads
 from capsdist.config import Config
-from capsdist.cpu_share import CpuShare
+from capsdist.core.cpu_share import CpuShare
 from capsdist.data import DATASETS, input_shape
-from capsdist.errors import ConfigError
-from capsdist.loss import make_loss
+from capsdist.core.errors import ConfigError
+from capsdist.model.loss import make_loss
 from capsdist.model import build_model
-from capsdist.run import make_accelerator
+from capsdist.train.build import make_accelerator
 from capsdist.train.metrics import peak_memory_mb
 from capsdist.train.step import TrainStep
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from capsdist.errors import ConfigError
-from capsdist.files import write_figure
+from capsdist.core.errors import ConfigError
+from capsdist.core.files import write_figure
 
 
 @dataclass

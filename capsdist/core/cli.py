@@ -30,7 +30,7 @@ def setup_process(spin: bool = False) -> None:
     How idle OpenMP threads wait at barriers is read once, when torch loads OpenMP, so the launch scripts call
     this before they import torch (a warning says when torch came first); an OMP_WAIT_POLICY already set wins.
     With `spin` (the scripts that train, whose steps are many short parallel regions) OpenMP keeps its default,
-    a short spin and then sleep, and capsdist.cpu_share lowers the intra-op threads while other processes want
+    a short spin and then sleep, and capsdist.core.cpu_share lowers the intra-op threads while other processes want
     the cores. Without it idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE), which shares the cores with
     loader workers and other jobs at some cost alone (docs/benchmarks.md, "CPU on a shared machine").
     """
