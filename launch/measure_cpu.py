@@ -3,15 +3,16 @@ and the trainer's images/s with 0, 1, 2 and auto loader workers; one JSON. Every
 launch/bench.py and launch/train.py of this checkout.
 
     python launch/measure_cpu.py --out cpu-speed.json                    # every figure (~15 min, 2 cores)
-    python launch/measure_cpu.py --out cpu.json --policies PASSIVE --workers 0 auto   # a subset
+    python launch/measure_cpu.py --out cpu.json --policies default --workers 0 auto   # a subset
     python launch/measure_cpu.py --out tiny.json --tiny                  # tiny models, seconds per run (tests)
 
 Defaults: the full preset at batch 8 on the reference shape (1x32x32, 5 classes, 3 iterations) for the bench
 figures; configs/fashion-mnist.yaml (shards/fashion-mnist, prepared on first use) for the training runs, and
 launch/bench.py on its model, shape and batch for comparison. Run it on an otherwise quiet machine.
 
-Each bench figure is measured under each OpenMP wait policy asked for (PASSIVE is capsdist's default, ACTIVE the
-OpenMP default that spins), so the effect of the thread settings can be read off one JSON:
+Each bench figure is measured under each OpenMP wait policy asked for (`default`: OMP_WAIT_POLICY unset, what the
+training scripts run with, OpenMP's short spin and capsdist's CPU share; PASSIVE sleeps at once, ACTIVE always
+spins), so the effect of the thread settings can be read off one JSON:
     {"settings": ..., "bench": {policy: {"alone": r, "side_by_side": [r, r], "beside_training": r,
                                          "side_by_side_slowdown": x, "beside_training_slowdown": x}},
      "trainer": {workers: {"images_per_s": median over log windows after the first, "windows": [...]}},
@@ -46,12 +47,18 @@ class Plan:
     train_overrides: list[str]  # and its overrides (key=value)
     train_steps: int  # steps of each trainer speed run (logging.every_steps sets the windows)
     workers: list[str] = field(default_factory=lambda: ["0", "1", "2", "auto"])
-    policies: list[str] = field(default_factory=lambda: ["PASSIVE", "ACTIVE"])
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+
+
+POLICIES = ("default", "PASSIVE", "ACTIVE")  # default: OMP_WAIT_POLICY unset
 
 
 def _env(policy: str) -> dict:
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return dict(os.environ, PYTHONPATH=path, OMP_WAIT_POLICY=policy, WANDB_MODE="disabled")
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    return dict(
+        env, PYTHONPATH=path, WANDB_MODE="disabled", **({} if policy == "default" else {"OMP_WAIT_POLICY": policy})
+    )
 
 
 def _start_bench(args: list[str], env: dict) -> subprocess.Popen:
@@ -239,9 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--policies",
         nargs="+",
-        default=["PASSIVE", "ACTIVE"],
-        choices=["PASSIVE", "ACTIVE"],
-        help="OMP_WAIT_POLICY values to measure the bench figures under",
+        default=list(POLICIES),
+        choices=POLICIES,
+        help="OMP_WAIT_POLICY values to measure the bench figures under (default: unset, the training scripts')",
     )
     parser.add_argument("--workers", nargs="+", default=["0", "1", "2", "auto"], help="data.num_workers values")
     args = parser.parse_args(argv)

@@ -17,15 +17,16 @@ from train_helpers import REPO
 @pytest.mark.e2e
 def test_measure_cpu_tiny_writes_every_figure(tmp_path):
     out = tmp_path / "cpu.json"
-    args = ["--tiny", "--out", str(out), "--policies", "PASSIVE", "--workers", "0", "auto"]
+    args = ["--tiny", "--out", str(out), "--policies", "default", "--workers", "0", "auto"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     done = subprocess.run(
         [sys.executable, "launch/measure_cpu.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())
-    bench = result["bench"]["PASSIVE"]
+    bench = result["bench"]["default"]
     assert bench["alone"]["train_images_per_s"] > 0 and len(bench["side_by_side"]) == 2
+    assert bench["alone"]["omp_wait_policy"] == "unset"  # default: the environment without OMP_WAIT_POLICY
     assert bench["beside_training"]["train_images_per_s"] > 0
     assert bench["side_by_side_slowdown"] > 0 and bench["beside_training_slowdown"] > 0
     assert set(result["trainer"]) == {"0", "auto"}
