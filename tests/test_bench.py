@@ -3,6 +3,8 @@ prepared as the trainer's, and its output says what the timing includes and leav
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from capsdist.train.benchmark import BenchSettings, run_benchmark
@@ -37,7 +39,7 @@ def test_the_bench_shares_the_cpu_as_the_trainer_does(tiny_config, monkeypatch, 
     import capsdist.train.benchmark as bench_module
 
     ticks = []
-    monkeypatch.setattr(bench_module.CpuShare, "tick", lambda self, now: ticks.append(now))
+    monkeypatch.setattr(bench_module.CpuShare, "tick", lambda self: ticks.append(time.monotonic()))
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     out = run_benchmark(
         BenchSettings.from_config(load_config(tiny_config), batch_size=2, steps=2, warmup=1, device="cpu")

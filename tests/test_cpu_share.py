@@ -46,8 +46,10 @@ def share(tmp_path, planned=2, cpus=2, **kw):
 
 
 def ticks(cpu_share, start, n, interval=0.25):
+    """`n` samples `interval` s apart, each followed by a step's tick."""
     for i in range(n):
-        cpu_share.tick(start + i * interval)
+        cpu_share.sample(start + i * interval)
+        cpu_share.tick()
     return start + n * interval
 
 
@@ -88,12 +90,16 @@ def test_a_passing_blip_changes_nothing(tmp_path):
     assert s.threads == 2
 
 
-def test_one_sample_per_interval(tmp_path):
-    proc, s = share(tmp_path)
+def test_the_sampler_thread_samples_between_steps_and_stops(tmp_path):
+    proc, s = share(tmp_path, interval_s=0.01)
     proc.set(2, {1: 1})
-    for i in range(50):  # steps far shorter than the interval: 5 samples take 1 s, not 5 steps
-        s.tick(i * 0.01)
-    assert len(s.demands) == 3 and s.threads == 2
+    s.start()
+    deadline = time.monotonic() + 10
+    while len(s.demands) < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    s.tick()  # one long step later: the samples taken meanwhile decide at once
+    s.close()
+    assert s.threads == 1 and not s._sampler.is_alive()
 
 
 def test_loader_workers_are_not_other_processes(tmp_path):
@@ -139,7 +145,7 @@ def orphan_busy_loops(n: int) -> list[int]:
 def tick_until(s: CpuShare, threads: int, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
     while s.threads != threads and time.monotonic() < deadline:
-        s.tick(time.monotonic())
+        s.tick()
         time.sleep(0.01)
 
 
@@ -148,7 +154,7 @@ def test_real_machine_busy_processes_lower_the_threads_until_they_stop():
     """On the real /proc: two busy processes leave 1 of 3 CPUs, so 1 thread; once they stop, 2 again (a third
     stray runnable task elsewhere on the machine changes neither)."""
     torch.set_num_threads(2)
-    s = CpuShare(2, log, interval_s=0.05, machine_cpus=3)
+    s = CpuShare(2, log, interval_s=0.05, machine_cpus=3).start()
     assert s.off_reason is None, s.off_reason
     busy = orphan_busy_loops(2)
     try:
@@ -158,4 +164,5 @@ def test_real_machine_busy_processes_lower_the_threads_until_they_stop():
         for pid in busy:
             os.kill(pid, signal.SIGKILL)
     tick_until(s, 2)
+    s.close()
     assert s.threads == 2 and torch.get_num_threads() == 2, list(s.demands)

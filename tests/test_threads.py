@@ -110,7 +110,7 @@ def test_num_workers_config_takes_auto_or_a_count(tiny_config):
 def test_trainer_resolves_auto_once_sets_threads_and_logs_them(tiny_config, tmp_path, caplog, monkeypatch):
     threads_before = torch.get_num_threads()
     ticks = []  # the trainer's CpuShare, sampled once a step (its own tests: tests/test_cpu_share.py)
-    monkeypatch.setattr(trainer.CpuShare, "tick", lambda self, now: ticks.append(now))
+    monkeypatch.setattr(trainer.CpuShare, "tick", lambda self: ticks.append(self))
     cfg = load_config(tiny_config, ["data.num_workers=auto", "train.max_steps=2", "eval.test=false"])
     try:
         with caplog.at_level(logging.INFO, logger="capsdist"):

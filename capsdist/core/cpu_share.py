@@ -3,10 +3,11 @@
 OpenMP threads that spin at barriers are fastest alone and collapse when another process wants the same cores;
 threads that sleep at once (OMP_WAIT_POLICY=PASSIVE) share well but are slower alone (docs/benchmarks.md, "CPU on
 a shared machine"). The training launch scripts leave OpenMP's own waiting (a short spin, then sleep) and a
-CpuShare watches the machine instead: every `interval_s` it counts the runnable tasks of other processes
-(/proc/stat's procs_running less the running threads of this process and its children, such as loader workers)
-and sets the intra-op threads to the CPUs they leave, between 1 and the planned count, from the median of the
-last `window` counts, so that a passing blip changes nothing.
+CpuShare watches the machine instead: a sampler thread counts, every `interval_s`, the runnable tasks of other
+processes (/proc/stat's procs_running less the running threads of this process and its children, such as loader
+workers), and each step (`tick`, on the thread that runs the step: OpenMP's thread count is per calling thread)
+sets the intra-op threads to the CPUs they leave, between 1 and the planned count, from the median of the last
+`window` counts, so that a passing blip changes nothing and a long step does not slow the answer.
 
 It stays off where the thread count is someone else's choice or does not decide the speed: one planned thread,
 OMP_NUM_THREADS set, an affinity mask narrower than the machine (a scheduler's pinning), no /proc/stat, or a
@@ -19,6 +20,8 @@ import collections
 import logging
 import os
 import statistics
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -58,10 +61,11 @@ class CpuShare:
         self.machine_cpus = machine_cpus or os.cpu_count() or 1
         self.pids = pids
         self.demands: collections.deque[int] = collections.deque(maxlen=window)
-        self.last_sample = -float("inf")
         self.last_children = -float("inf")
         self.own: list[int] = []
         self.off_reason = self._off_reason(on_cpu)
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
 
     def _off_reason(self, on_cpu: bool) -> str | None:
         if not on_cpu:
@@ -84,17 +88,35 @@ class CpuShare:
             f"on {self.machine_cpus} CPU(s), sampled every {self.interval_s} s"
         )
 
-    def tick(self, now: float) -> None:
-        """Sample the machine if `interval_s` has passed since the last sample, and set the threads it allows."""
-        if self.off_reason or now - self.last_sample < self.interval_s:
+    def start(self) -> "CpuShare":
+        """Start the sampler thread (a daemon; `close` stops it). Nothing happens when the share is off."""
+        if self.off_reason is None and self._sampler is None:
+            self._sampler = threading.Thread(target=self._sample_every_interval, name="cpu-share", daemon=True)
+            self._sampler.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._sampler is not None:
+            self._sampler.join()
+
+    def _sample_every_interval(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample(time.monotonic())
+
+    def sample(self, now: float) -> None:
+        """Count the runnable tasks of other processes now (this process's children looked up every few s)."""
+        if self.off_reason:
             return
-        self.last_sample = now
         if now - self.last_children >= CHILDREN_REFRESH_S:
             self.own, self.last_children = self.pids(), now
         self.demands.append(max(0, self._runnable() - sum(self._running_threads(pid) for pid in self.own)))
-        if len(self.demands) < self.demands.maxlen:
+
+    def tick(self) -> None:
+        """Set the intra-op threads the last `window` samples allow; call it on the thread that runs the step."""
+        if self.off_reason or len(self.demands) < self.demands.maxlen:
             return
-        others = int(statistics.median(self.demands))
+        others = int(statistics.median(list(self.demands)))
         wanted = max(1, min(self.planned, self.machine_cpus - others))
         if wanted != self.threads:
             self.log.info(

@@ -129,7 +129,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     device = accelerator.device
     plan = threads.budget(0)  # the trainer's, for a process that decodes its own batches
     torch.set_num_threads(plan.threads)
-    share = CpuShare(plan.threads, log, on_cpu=device.type == "cpu")
+    share = CpuShare(plan.threads, log, on_cpu=device.type == "cpu").start()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, in_channels=s.in_channels, input_size=s.input_size, num_classes=s.classes)
     loss_fn = make_loss(
@@ -142,7 +142,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     seen = itertools.count(0, s.batch_size)
 
     def train_step():
-        share.tick(time.monotonic())
+        share.tick()
         step(images, labels, next(seen))
 
     def infer_step():
@@ -155,6 +155,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     step.model.train()
     _timed(train_step, s.warmup, device)
     train_s = _timed(train_step, s.steps, device)
+    share.close()
     peak_mb = peak_memory_mb(device)
     step.model.eval()
     _timed(infer_step, max(1, s.warmup), device)

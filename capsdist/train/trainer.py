@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -87,7 +86,7 @@ class Trainer:
         self.opts = data_options(cfg)
         plan = threads.budget(self.opts.num_workers)
         threads.apply(plan, log)
-        self.cpu_share = CpuShare(plan.threads, log, on_cpu=acc.device.type == "cpu")
+        self.cpu_share = CpuShare(plan.threads, log, on_cpu=acc.device.type == "cpu").start()
         log.info(self.cpu_share.describe())
         self.manifest = load_data(cfg, acc, self.opts)
         self.data = data_identity(self.manifest, self.opts)  # recorded in every checkpoint, checked on resume
@@ -217,6 +216,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            self.cpu_share.close()
             self.lock.release()
 
     def _fit(self) -> dict:
@@ -292,7 +292,7 @@ class Trainer:
     def _train_step(self, batch) -> None:
         """One global step on this rank's batch (TrainStep), queued for the next host step without a device read."""
         state, batch_size = self.state, self.cfg.train.batch_size
-        self.cpu_share.tick(time.monotonic())
+        self.cpu_share.tick()
         out = self.step(
             batch.images,
             batch.labels,
