@@ -11,8 +11,8 @@ figures; configs/fashion-mnist.yaml (shards/fashion-mnist, prepared on first use
 launch/bench.py on its model, shape and batch for comparison. Run it on an otherwise quiet machine.
 
 Each bench figure is measured under each OpenMP wait policy asked for (`default`: OMP_WAIT_POLICY unset, what the
-training scripts run with, OpenMP's short spin and capsdist's CPU share; PASSIVE sleeps at once, ACTIVE always
-spins), so the effect of the thread settings can be read off one JSON:
+training scripts run with: a spin of capsdist's GOMP_SPINCOUNT, then sleep, and capsdist's CPU share; PASSIVE
+sleeps at once, ACTIVE always spins), so the effect of the thread settings can be read off one JSON:
     {"settings": ..., "bench": {policy: {"alone": r, "side_by_side": [r, r], "beside_training": r,
                                          "side_by_side_slowdown": x, "beside_training_slowdown": x}},
      "trainer": {workers: {"images_per_s": median over log windows after the first, "windows": [...]}},

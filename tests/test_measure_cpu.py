@@ -10,6 +10,7 @@ import sys
 import pytest
 import yaml
 
+from capsdist.core.cli import SPIN_COUNT
 from fixtures import launch_script
 from train_helpers import REPO
 
@@ -27,6 +28,7 @@ def test_measure_cpu_tiny_writes_every_figure(tmp_path):
     bench = result["bench"]["default"]
     assert bench["alone"]["train_images_per_s"] > 0 and len(bench["side_by_side"]) == 2
     assert bench["alone"]["omp_wait_policy"] == "unset"  # default: the environment without OMP_WAIT_POLICY
+    assert bench["alone"]["gomp_spincount"] == SPIN_COUNT  # set by the bench's own setup, before torch loads
     assert bench["beside_training"]["train_images_per_s"] > 0
     assert bench["side_by_side_slowdown"] > 0 and bench["beside_training_slowdown"] > 0
     assert set(result["trainer"]) == {"0", "auto"}

@@ -56,17 +56,23 @@ def test_setup_process_sets_omp_wait_policy_only_when_unset(monkeypatch):
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
-def test_setup_process_for_training_leaves_openmp_its_default_wait(monkeypatch):
-    """The training scripts keep OpenMP's short spin (capsdist.core.cpu_share shares the cores); a user's policy wins."""
-    from capsdist.core.cli import setup_process
+def test_setup_process_for_training_spins_then_sleeps(monkeypatch):
+    """The training scripts spin SPIN_COUNT iterations, then sleep (capsdist.core.cpu_share shares the cores);
+    a user's spin count or wait policy wins, and a user's policy gets no spin count beside it."""
+    from capsdist.core.cli import SPIN_COUNT, setup_process
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     setup_process(spin=True)
-    assert "OMP_WAIT_POLICY" not in os.environ
+    assert "OMP_WAIT_POLICY" not in os.environ and os.environ["GOMP_SPINCOUNT"] == SPIN_COUNT
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    setup_process(spin=True)
+    assert os.environ["GOMP_SPINCOUNT"] == "1000" and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     setup_process(spin=True)
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,9 @@ def add_set_option(
     parser.add_argument(flag, nargs="+", action="extend", default=[], metavar="KEY=VALUE", dest=dest, help=help)
 
 
+SPIN_COUNT = "10000000"  # GOMP_SPINCOUNT of the training scripts, chosen in docs/benchmarks.md
+
+
 def setup_process(spin: bool = False) -> None:
     """Set up a launch script's process before anything is built: logging, the CPU allocator, OpenMP waiting.
 
@@ -29,17 +32,21 @@ def setup_process(spin: bool = False) -> None:
 
     How idle OpenMP threads wait at barriers is read once, when torch loads OpenMP, so the launch scripts call
     this before they import torch (a warning says when torch came first); an OMP_WAIT_POLICY already set wins.
-    With `spin` (the scripts that train, whose steps are many short parallel regions) OpenMP keeps its default,
-    a short spin and then sleep, and capsdist.core.cpu_share lowers the intra-op threads while other processes want
-    the cores. Without it idle threads sleep at once (OMP_WAIT_POLICY=PASSIVE), which shares the cores with
-    loader workers and other jobs at some cost alone (docs/benchmarks.md, "CPU on a shared machine").
+    With `spin` (the scripts that train, whose steps are many short parallel regions) idle OpenMP threads spin
+    for SPIN_COUNT iterations (about 100 ms; GNU OpenMP's default of 300,000 was slower alone) and then sleep,
+    and capsdist.core.cpu_share lowers the intra-op threads while other processes want the cores; a
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY already set wins. Without it idle threads sleep at once
+    (OMP_WAIT_POLICY=PASSIVE), which shares the cores with loader workers and other jobs at some cost alone
+    (docs/benchmarks.md, "CPU on a shared machine").
     """
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     rank = os.environ.get("RANK", "0")
     logging.basicConfig(level=logging.WARNING, format=f"[rank {rank}] %(levelname)s %(name)s: %(message)s")
-    if not spin and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        if "torch" in sys.modules:
-            logging.getLogger("capsdist").warning(
-                "OMP_WAIT_POLICY=PASSIVE was set after torch was imported: it applies to child processes only"
-            )
+    if "OMP_WAIT_POLICY" in os.environ or (spin and "GOMP_SPINCOUNT" in os.environ):
+        return
+    name, value = ("GOMP_SPINCOUNT", SPIN_COUNT) if spin else ("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ[name] = value
+    if "torch" in sys.modules:
+        logging.getLogger("capsdist").warning(
+            f"{name}={value} was set after torch was imported: it applies to child processes only"
+        )

@@ -11,7 +11,7 @@ process:
                OMP_NUM_THREADS in the environment is the user's (or torchrun's) choice and wins
 Loader workers decode with one thread each (torch's DataLoader sets one intra-op thread in every worker).
 How idle OpenMP threads wait is set by capsdist.core.cli.setup_process before the launch scripts import torch (OpenMP
-reads it once): the training scripts keep OpenMP's short spin, and capsdist.core.cpu_share lowers the intra-op threads
+reads it once): the training scripts spin a while, then sleep, and capsdist.core.cpu_share lowers the intra-op threads
 while other processes want the cores; the others sleep at once (OMP_WAIT_POLICY=PASSIVE). Importing this module
 changes nothing; `apply` sets the intra-op threads and logs the whole budget once.
 """

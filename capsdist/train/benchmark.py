@@ -184,6 +184,7 @@ def run_benchmark(s: BenchSettings) -> dict:
         "step_parts": step.parts(),
         "step_leaves_out": LEAVES_OUT,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "gomp_spincount": os.environ.get("GOMP_SPINCOUNT", "unset"),
         "cpu_share": share.describe(),
         "intra_op_threads_at_end": torch.get_num_threads(),
         "compile": s.compile,
