@@ -1,7 +1,7 @@
 """Benchmark a model's training and inference steps on synthetic input of a config's shape (capsdist.train.benchmark).
 
     python launch/bench.py --config configs/full.yaml --batch-size 8 --steps 10 [--compile]
-        [--mixed-precision bf16|fp16|no] [--device cpu|cuda] [--in-channels 1] [--set model.iterations=2]
+        [--mixed-precision bf16|fp16|no] [--device cpu|cuda] [--in-channels 1] [--set model.iterations=2] [--profile]
 
 Prints one JSON line: the dict that capsdist.train.benchmark.run_benchmark returns.
 """
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-channels", type=int, default=None, help="override input channels")
     parser.add_argument("--input-size", type=int, default=None, help="override input height and width")
     parser.add_argument("--classes", type=int, default=None, help="override number of classes")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="after the timed steps, run --steps more under torch.profiler and add where their time goes",
+    )
     args = parser.parse_args(argv)
 
     def body():
@@ -55,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             in_channels=args.in_channels,
             input_size=args.input_size,
             classes=args.classes,
+            profile=args.profile,
         )
         print(json.dumps(run_benchmark(settings)))
 

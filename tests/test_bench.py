@@ -46,3 +46,21 @@ def test_the_bench_shares_the_cpu_as_the_trainer_does(tiny_config, monkeypatch, 
     )
     assert len(ticks) == 3 and ticks == sorted(ticks)
     assert out["cpu_share"].startswith("cpu share: ") and out["intra_op_threads_at_end"] >= 1
+
+
+def test_the_bench_profiles_the_step_by_operator_and_layer(tiny_config, fresh_accelerator):
+    """--profile adds where the step's time goes: operators by self time, each top-level module's forward."""
+    out = run_benchmark(
+        BenchSettings.from_config(load_config(tiny_config), batch_size=2, steps=2, warmup=1, device="cpu", profile=True)
+    )
+    profile = out["profile"]
+    ops = profile["ops"]
+    assert ops and all(row["calls"] > 0 for row in ops)
+    assert [row["self_cpu_ms"] for row in ops] == sorted((row["self_cpu_ms"] for row in ops), reverse=True)
+    assert 0 < sum(row["share"] for row in ops) <= 1.0001 and any(row["op"].startswith("aten::") for row in ops)
+    assert {"conv_caps1", "conv_caps2", "class_caps"} <= set(profile["forward_cpu_ms"])
+    assert all(ms > 0 for ms in profile["forward_cpu_ms"].values())
+    plain = run_benchmark(
+        BenchSettings.from_config(load_config(tiny_config), batch_size=2, steps=1, warmup=0, device="cpu")
+    )
+    assert "profile" not in plain

@@ -33,6 +33,7 @@ from capsdist.model import build_model
 from capsdist.train.build import make_accelerator
 from capsdist.train.metrics import peak_memory_mb
 from capsdist.train.step import TrainStep
+from capsdist.train.step_profile import profile_steps
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class BenchSettings:
     in_channels: int
     input_size: int
     classes: int
+    profile: bool = False  # after the timed steps, `steps` more under torch.profiler (capsdist.train.step_profile)
 
     @classmethod
     def from_config(
@@ -64,6 +66,7 @@ class BenchSettings:
         in_channels=None,
         input_size=None,
         classes=None,
+        profile=False,
     ) -> "BenchSettings":
         """Settings from a run config; every keyword that is not None overrides the config's value."""
         spec = DATASETS[cfg.data.dataset]  # the config checked the name; the input the pipeline would give:
@@ -85,6 +88,7 @@ class BenchSettings:
             in_channels=in_channels or channels,
             input_size=input_size or size,
             classes=classes or n_classes,
+            profile=profile,
         )
 
 
@@ -155,6 +159,7 @@ def run_benchmark(s: BenchSettings) -> dict:
     step.model.train()
     _timed(train_step, s.warmup, device)
     train_s = _timed(train_step, s.steps, device)
+    profiled = profile_steps(train_step, s.steps, model, device) if s.profile else None
     share.close()
     peak_mb = peak_memory_mb(device)
     step.model.eval()
@@ -190,6 +195,8 @@ def run_benchmark(s: BenchSettings) -> dict:
         "compile": s.compile,
         "mixed_precision": s.mixed_precision,
     }
+    if profiled is not None:
+        result["profile"] = profiled
     if rss_before is not None:
         result["rss_before_train_mb"] = round(rss_before, 1)
         result["peak_growth_per_train_image_mb"] = round((peak_mb - rss_before) / s.batch_size, 2)
