@@ -3,9 +3,9 @@
 OpenMP threads that spin at barriers are fastest alone and collapse when another process wants the same cores;
 threads that sleep at once (OMP_WAIT_POLICY=PASSIVE) share well but are slower alone (docs/benchmarks.md, "CPU on
 a shared machine"). The training launch scripts let idle threads spin a while, then sleep
-(capsdist.core.cli.setup_process), and a CpuShare watches the machine instead: a sampler thread counts, every `interval_s`, the runnable tasks of other
-processes (/proc/stat's procs_running less the running threads of this process and its children, such as loader
-workers), and each step (`tick`, on the thread that runs the step: OpenMP's thread count is per calling thread)
+(capsdist.core.cli.setup_process), and a CpuShare watches the machine instead: a sampler thread counts, every
+`interval_s`, the runnable tasks of other processes (/proc/stat's procs_running less the running threads of this
+process and its children, such as loader workers), and each step (`tick`, on the thread that runs the step: OpenMP's thread count is per calling thread)
 sets the intra-op threads to the CPUs they leave, between 1 and the planned count, from the median of the last
 `window` counts, so that a passing blip changes nothing and a long step does not slow the answer.
 
