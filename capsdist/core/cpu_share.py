@@ -5,9 +5,10 @@ threads that sleep at once (OMP_WAIT_POLICY=PASSIVE) share well but are slower a
 a shared machine"). The training launch scripts let idle threads spin a while, then sleep
 (capsdist.core.cli.setup_process), and a CpuShare watches the machine instead: a sampler thread counts, every
 `interval_s`, the runnable tasks of other processes (/proc/stat's procs_running less the running threads of this
-process and its children, such as loader workers), and each step (`tick`, on the thread that runs the step: OpenMP's thread count is per calling thread)
-sets the intra-op threads to the CPUs they leave, between 1 and the planned count, from the median of the last
-`window` counts, so that a passing blip changes nothing and a long step does not slow the answer.
+process and its children, such as loader workers), and each step (`tick`, on the thread that runs the step:
+OpenMP's thread count is per calling thread) sets the intra-op threads to the CPUs they leave, between 1 and the
+planned count, from the median of the last `window` counts, so that a passing blip changes nothing and a long
+step does not slow the answer.
 
 It stays off where the thread count is someone else's choice or does not decide the speed: one planned thread,
 OMP_NUM_THREADS set, an affinity mask narrower than the machine (a scheduler's pinning), no /proc/stat, or a
