@@ -24,8 +24,8 @@ directory named `step-*` is complete. `--resume auto` takes the newest checkpoin
 names, in a warning, what was wrong with any newer one; rank 0 makes that choice for all ranks, and every
 rank checks that it can read the chosen one before anything is moved or pruned (`agree`). Resuming from an
 older checkpoint moves the newer ones (and a newer `best`) to `checkpoints/abandoned-<time>/`: the run
-continues from the past, and retention never deletes the new checkpoints in favour of the abandoned ones. `best/` is a copy of
-the step checkpoint with the best selection metric. Deletions and replacements go through a rename
+continues from the past, and retention never deletes the new checkpoints in favour of the abandoned ones.
+`best/` is a copy of the step checkpoint with the best selection metric. Deletions and replacements go through a rename
 first (`.trash-*`, `.old-*`), so a kill at any moment leaves no half-deleted `step-*` and always a `best`
 once one was written. The run directory must be on a filesystem every rank sees (multi-node: a shared one).
 """

@@ -17,15 +17,16 @@ FORWARD = "forward::"  # label of a top-level module's forward
 @contextlib.contextmanager
 def _labelled(model: torch.nn.Module) -> Iterator[None]:
     """Wrap each top-level child's forward in a profiler range named FORWARD + its attribute name."""
+
+    def leave(module, args, output):
+        module._profile_range.__exit__(None, None, None)
+
     handles = []
     for name, child in model.named_children():
 
         def enter(module, args, label=FORWARD + name):
             module._profile_range = record_function(label)
             module._profile_range.__enter__()
-
-        def leave(module, args, output):
-            module._profile_range.__exit__(None, None, None)
 
         handles += [child.register_forward_pre_hook(enter), child.register_forward_hook(leave)]
     try:
