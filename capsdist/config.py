@@ -53,6 +53,8 @@ class ModelConfig:
     class_lambda_scale: float = _num(RECIPE.class_lambda_scale, 0.0, open_lo=True)  # class layer: final_lambda * this
     beta_a_scale: float = _num(RECIPE.beta_a_scale, 0.0, open_lo=True)  # routing sees beta_a * this
     init: Literal[INITS] = "gritzman"  # weight initialisation (capsnet.INITS)
+    stem_convs: int = _num(0, 0)  # 3x3 ReLU convolutions after the first one, A channels each (the paper: 0)
+    stem_norm: bool = False  # BatchNorm after each stem convolution, before its ReLU (the paper: none)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
     routing_impl: Literal[ROUTING_IMPLS] = "auto"  # torch (the reference) | triton (fused, CUDA) | auto: torch for now
 

@@ -159,3 +159,38 @@ def test_authors_init_sets_their_scales():
     assert torch.all(net.conv_caps2.beta_u == 0.5) and torch.all(net.conv_caps2.beta_a == 0.5)
     with pytest.raises(ValueError, match="unknown init"):
         CapsNet(A=8, B=4, C=4, D=4, num_classes=5, init="xavier")
+
+
+def test_stem_keys_deepen_the_stem_and_keep_the_grid():
+    """model.stem_convs and model.stem_norm: extra 3x3 convolutions and BatchNorm in the stem, same feature grid
+    and receptive-field centres for the capsule layers; without them the stem is the paper's single convolution."""
+    cfg = ModelConfig(size="small", A=8, B=4, C=4, D=4, stem_convs=2, stem_norm=True)
+    net = build_model(cfg, in_channels=1, input_size=28, num_classes=5)
+    plain = build_model(ModelConfig(size="small", A=8, B=4, C=4, D=4), in_channels=1, input_size=28, num_classes=5)
+    assert len(net.relu_conv.extra) == 2 and len(net.relu_conv.norms) == 3
+    assert not plain.relu_conv.extra and plain.relu_conv.norms is None
+    assert _count(net) - _count(plain) == 2 * (8 * 8 * 9 + 8) + 3 * 2 * 8  # two 3x3 convs, three BatchNorms
+    assert net.class_caps.centre_scale == plain.class_caps.centre_scale
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        feats = net.relu_conv(x)
+    assert feats.shape == plain.relu_conv(x).shape == (4, 8, 12, 12) and (feats >= 0).all()
+
+
+def test_stem_norm_trains_on_batch_statistics_and_evaluates_per_image():
+    """Training forwards update BatchNorm's running statistics; in eval mode an image's output does not depend on
+    the other images of its batch (evaluation pads batches, and a served model sees one image at a time)."""
+    torch.manual_seed(0)
+    net = CapsNet(
+        A=8, B=4, C=4, D=4, num_classes=5, input_size=28, stem_norm=True, routing=RoutingSettings(iterations=2)
+    )
+    x = torch.rand(6, 1, 28, 28)
+    norm = net.relu_conv.norms[0]
+    with torch.no_grad():
+        net(x)
+    assert norm.num_batches_tracked.item() == 1 and not torch.all(norm.running_mean == 0)
+    assert {"relu_conv.norms.0.running_mean", "relu_conv.norms.0.running_var"} <= set(net.state_dict())
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(x[:1]), net(x)[:1])
+    assert norm.num_batches_tracked.item() == 1

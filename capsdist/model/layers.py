@@ -141,15 +141,32 @@ class CapsuleLayer(nn.Module):
 
 
 class ReLUConv(nn.Module):
-    """First layer: a plain convolution with ReLU. (N, C, H, W) -> (N, A, H', W')."""
+    """First layer: a convolution with ReLU (the paper), then `extra_convs` 3x3 "same" convolutions with ReLU;
+    with `norm`, BatchNorm between each convolution and its ReLU. (N, C, H, W) -> (N, A, H', W').
 
-    def __init__(self, in_channels: int, channels: int, kernel: int = 5, stride: int = 2):
+    The extra convolutions keep the size and the receptive-field centres, so the layers above see the same grid.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: int,
+        kernel: int = 5,
+        stride: int = 2,
+        extra_convs: int = 0,
+        norm: bool = False,
+    ):
         super().__init__()
         self.kernel, self.stride = kernel, stride
         self.conv = nn.Conv2d(in_channels, channels, kernel, stride)
+        self.extra = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(extra_convs))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(1 + extra_convs)) if norm else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.conv(x))
+        for i, conv in enumerate([self.conv, *self.extra]):
+            x = conv(x)
+            x = F.relu(self.norms[i](x) if self.norms is not None else x)
+        return x
 
 
 class PrimaryCaps(nn.Module):

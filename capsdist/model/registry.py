@@ -37,6 +37,8 @@ def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: in
         routing=routing,
         coord_add=model_cfg.coord_add,
         init=model_cfg.init,
+        stem_convs=model_cfg.stem_convs,
+        stem_norm=model_cfg.stem_norm,
         routing_checkpoint=model_cfg.routing_checkpoint,
         routing_impl=model_cfg.routing_impl,
     )
