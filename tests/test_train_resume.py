@@ -27,13 +27,17 @@ pytestmark = pytest.mark.e2e  # every test here starts Python processes
 TOTAL = STEPS_PER_EPOCH + 12  # crosses an epoch boundary after the resume
 
 
-def test_kill9_then_resume_matches_uninterrupted(tiny_config, tmp_path):
+# the paper's stem, and a stem with BatchNorm, whose running statistics are state outside the optimiser
+@pytest.mark.parametrize("model_keys", [(), ("--set", "model.stem_convs=1", "model.stem_norm=true")])
+def test_kill9_then_resume_matches_uninterrupted(tiny_config, tmp_path, model_keys):
     reference = tmp_path / "reference"
-    done = run(train_command(tiny_config, "--run-dir", str(reference), "--max-steps", str(TOTAL)))
+    done = run(train_command(tiny_config, "--run-dir", str(reference), "--max-steps", str(TOTAL), *model_keys))
     assert done.returncode == 0, done.stderr[-3000:]
 
     crashed = tmp_path / "crashed"
-    cmd = train_command(tiny_config, "--run-dir", str(crashed), "--max-steps", str(TOTAL), "--checkpoint-every", "3")
+    cmd = train_command(
+        tiny_config, "--run-dir", str(crashed), "--max-steps", str(TOTAL), "--checkpoint-every", "3", *model_keys
+    )
     proc = start(cmd, tmp_path / "crashed.log")
     seen = wait_for_step(proc, crashed, 8)
     kill_group(proc)  # SIGKILL: no handler runs, no checkpoint on the way out
@@ -52,6 +56,7 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_config, tmp_path):
             "3",
             "--resume",
             "auto",
+            *model_keys,
         )
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -61,6 +66,7 @@ def test_kill9_then_resume_matches_uninterrupted(tiny_config, tmp_path):
     final = f"step-{TOTAL:07d}"
     a, b = weights(reference / "checkpoints" / final), weights(crashed / "checkpoints" / final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(k.endswith("running_mean") for k in a) == bool(model_keys)
 
 
 def test_incomplete_checkpoint_is_ignored(tiny_config, tmp_path):
