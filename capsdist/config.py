@@ -55,6 +55,7 @@ class ModelConfig:
     init: Literal[INITS] = "gritzman"  # weight initialisation (capsnet.INITS)
     stem_convs: int = _num(0, 0)  # 3x3 ReLU convolutions after the first one, A channels each (the paper: 0)
     stem_norm: bool = False  # BatchNorm after each stem convolution, before its ReLU (the paper: none)
+    stem_pool: bool = False  # the first convolution at stride 1, then 2x2 max-pooling (the paper: stride 2)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
     routing_impl: Literal[ROUTING_IMPLS] = "auto"  # torch (the reference) | triton (fused, CUDA) | auto: torch for now
 

@@ -194,3 +194,24 @@ def test_stem_norm_trains_on_batch_statistics_and_evaluates_per_image():
     with torch.no_grad():
         torch.testing.assert_close(net(x[:1]), net(x)[:1])
     assert norm.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("size", [28, 32])
+def test_stem_pool_keeps_the_grid_and_places_each_window(size):
+    """model.stem_pool: a stride-1 convolution and 2x2 max-pooling give the stride-2 stem's grid; stem position p
+    sees input rows 2p .. 2p+5 (one wider than the stride-2 convolution's 2p .. 2p+4), and the class capsules'
+    coordinates are the centres of those windows."""
+    torch.manual_seed(0)
+    pooled = build_model(
+        ModelConfig(size="small", A=4, B=4, C=4, D=4, stem_pool=True), in_channels=1, input_size=size, num_classes=5
+    )
+    plain = build_model(ModelConfig(size="small", A=4, B=4, C=4, D=4), in_channels=1, input_size=size, num_classes=5)
+    x = torch.rand(1, 1, size, size, requires_grad=True)
+    feats = pooled.relu_conv(x)
+    assert feats.shape == plain.relu_conv(x).shape == (1, 4, SIZES[size][0], SIZES[size][0])
+    p = 3
+    feats[0, :, p, :].sum().backward()
+    rows = x.grad[0, 0].abs().sum(dim=1).nonzero().flatten().tolist()
+    assert rows == list(range(2 * p, 2 * p + 6))
+    a, b = plain.class_caps.centre_scale
+    assert pooled.class_caps.centre_scale == pytest.approx((a, b + 0.5))

@@ -30,7 +30,8 @@ class CapsNet(nn.Module):
     `routing` defaults to the paper's settings (routing.PAPER); the run config starts from capsdist's measured
     recipe (routing.RECIPE). The class layer routes with final_lambda * routing.class_lambda_scale.
     `routing_impl` (layers.ROUTING_IMPLS) picks the torch or the fused Triton routing for every capsule layer.
-    `stem_convs` and `stem_norm` deepen and normalise the first layer (layers.ReLUConv); the paper has neither.
+    `stem_convs`, `stem_norm` and `stem_pool` deepen, normalise and pool the first layer (layers.ReLUConv); the
+    paper has none of them.
     """
 
     def __init__(
@@ -48,6 +49,7 @@ class CapsNet(nn.Module):
         init: str = "gritzman",
         stem_convs: int = 0,
         stem_norm: bool = False,
+        stem_pool: bool = False,
         routing_checkpoint: bool = False,
         routing_impl: str = "auto",
     ):
@@ -58,7 +60,9 @@ class CapsNet(nn.Module):
             routing, final_lambda=routing.final_lambda * routing.class_lambda_scale, class_lambda_scale=1.0
         )
         self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
-        self.relu_conv = ReLUConv(in_channels, A, kernel=5, stride=2, extra_convs=stem_convs, norm=stem_norm)
+        self.relu_conv = ReLUConv(
+            in_channels, A, kernel=5, stride=2, extra_convs=stem_convs, norm=stem_norm, pool=stem_pool
+        )
         self.primary_caps = PrimaryCaps(A, B)
         how = {"routing_checkpoint": routing_checkpoint, "routing_impl": routing_impl}
         self.conv_caps1 = ConvCaps(B, C, kernel=3, stride=2, routing=routing, **how)

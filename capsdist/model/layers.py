@@ -144,7 +144,10 @@ class ReLUConv(nn.Module):
     """First layer: a convolution with ReLU (the paper), then `extra_convs` 3x3 "same" convolutions with ReLU;
     with `norm`, BatchNorm between each convolution and its ReLU. (N, C, H, W) -> (N, A, H', W').
 
-    The extra convolutions keep the size and the receptive-field centres, so the layers above see the same grid.
+    With `pool`, the first convolution runs at stride 1 and a `stride` x `stride` max-pool follows its ReLU (the
+    CNN baselines' way), so the grid has the same size for the even input sizes of the datasets (28, 32); its
+    receptive fields are one pixel wider. `kernel` and `stride` describe the whole layer's windows, for the
+    receptive-field centres. The extra convolutions keep the size and those centres.
     """
 
     def __init__(
@@ -155,10 +158,12 @@ class ReLUConv(nn.Module):
         stride: int = 2,
         extra_convs: int = 0,
         norm: bool = False,
+        pool: bool = False,
     ):
         super().__init__()
-        self.kernel, self.stride = kernel, stride
-        self.conv = nn.Conv2d(in_channels, channels, kernel, stride)
+        self.pool = stride if pool else 0
+        self.kernel, self.stride = (kernel + stride - 1, stride) if pool else (kernel, stride)
+        self.conv = nn.Conv2d(in_channels, channels, kernel, 1 if pool else stride)
         self.extra = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(extra_convs))
         self.norms = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(1 + extra_convs)) if norm else None
 
@@ -166,6 +171,8 @@ class ReLUConv(nn.Module):
         for i, conv in enumerate([self.conv, *self.extra]):
             x = conv(x)
             x = F.relu(self.norms[i](x) if self.norms is not None else x)
+            if i == 0 and self.pool:
+                x = F.max_pool2d(x, self.pool)
         return x
 
 

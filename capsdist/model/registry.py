@@ -39,6 +39,7 @@ def build_model(model_cfg, *, in_channels: int, input_size: int, num_classes: in
         init=model_cfg.init,
         stem_convs=model_cfg.stem_convs,
         stem_norm=model_cfg.stem_norm,
+        stem_pool=model_cfg.stem_pool,
         routing_checkpoint=model_cfg.routing_checkpoint,
         routing_impl=model_cfg.routing_impl,
     )
