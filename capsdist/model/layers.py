@@ -162,7 +162,9 @@ class ReLUConv(nn.Module):
     ):
         super().__init__()
         self.pool = stride if pool else 0
-        self.kernel, self.stride = (kernel + stride - 1, stride) if pool else (kernel, stride)
+        self.kernel, self.stride = kernel, stride
+        if pool:
+            self.kernel += stride - 1  # the max-pool widens each window by stride - 1 pixels
         self.conv = nn.Conv2d(in_channels, channels, kernel, 1 if pool else stride)
         self.extra = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in range(extra_convs))
         self.norms = nn.ModuleList(nn.BatchNorm2d(channels) for _ in range(1 + extra_convs)) if norm else None
