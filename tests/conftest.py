@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from capsdist.model import fused_cpu
 from train_helpers import TEST, TRAIN, write_tiny_config
 
 if not torch.cuda.is_available():
@@ -100,9 +101,12 @@ def route_calls(monkeypatch) -> list[dict]:
         pytest.param(
             "triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
         ),
+        pytest.param(
+            "c", marks=pytest.mark.skipif(fused_cpu.compiler() is None, reason="no C compiler for the C kernels")
+        ),
     ]
 )
 def routing_impl(request) -> str:
-    """Each votes backend in turn (model.routing_impl): materialised (torch) and fused (triton, on CUDA where
-    there is one, else in Triton's interpreter)."""
+    """Each votes backend in turn (model.routing_impl): materialised (torch), fused in Triton (on CUDA where there
+    is one, else in Triton's interpreter) and fused in C (the CPU)."""
     return request.param

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capsdist.model import CapsNet, em_routing
+from capsdist.model import CapsNet, em_routing, fused_cpu
 from capsdist.model.layers import ClassCaps, ConvCaps
 from capsdist.model.routing import RoutingSettings
 
@@ -148,7 +148,8 @@ def test_classcaps_gradcheck_float64():
 
 def test_bfloat16_autocast_forward_backward(route_calls):
     torch.manual_seed(0)
-    model = CapsNet.from_preset("small", num_classes=5, input_size=28, routing=RoutingSettings(iterations=2))
+    routing = RoutingSettings(iterations=2)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28, routing=routing, routing_impl="torch")
     x = torch.randn(2, 1, 28, 28)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         acts, poses = model(x, return_poses=True)
@@ -165,6 +166,24 @@ def test_bfloat16_autocast_forward_backward(route_calls):
         assert p.grad is not None and p.grad.dtype == torch.float32, name
         assert torch.isfinite(p.grad).all(), name
     # close to the float32 model (bfloat16 votes: loose tolerance)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(acts.detach(), ref, rtol=0, atol=0.1)
+
+
+@pytest.mark.skipif(fused_cpu.compiler() is None, reason="no C compiler")
+def test_bfloat16_autocast_with_the_c_kernels_routes_float32_factors():
+    """auto on the CPU: the C kernels take the bfloat16 vote factors as float32 and train in float32."""
+    torch.manual_seed(0)
+    model = CapsNet.from_preset("small", num_classes=5, input_size=28, routing=RoutingSettings(iterations=2))
+    assert model.conv_caps1.resolved_impl(torch.device("cpu")) == "c"
+    x = torch.randn(2, 1, 28, 28)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        acts = model(x)
+        loss = F.cross_entropy(acts, torch.tensor([1, 3]))
+    loss.backward()
+    assert acts.dtype == torch.float32 and torch.isfinite(acts).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     with torch.no_grad():
         ref = model(x)
     torch.testing.assert_close(acts.detach(), ref, rtol=0, atol=0.1)

@@ -3,6 +3,7 @@ each backend (materialised and fused), and of the ConvCaps assignments on each b
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -178,14 +179,17 @@ def _factors(seed, n=3, i=8, o=4):
 def _route_factors(routing_impl, factors, a_in, beta_u, beta_a, **settings):
     """routing.route on the backend `routing_impl`, uniform initial assignments -> poses (N', O, P), a_out (N', O)."""
     if routing_impl == "torch":
-        backend = MaterialisedVotes
+        make = MaterialisedVotes.from_factors
     else:
-        from capsdist.model.fused_votes import FusedVotes as backend
+        from capsdist.model import fused_cpu, fused_votes
+
+        kernels = fused_votes.TritonKernels() if routing_impl == "triton" else fused_cpu.CKernels()
+        make = functools.partial(fused_votes.FusedVotes.from_factors, kernels=kernels)
     device = _device(routing_impl)
     factors = VoteFactors(*(None if x is None else x.to(device) for x in factors))
     n, i, o = a_in.shape + factors.W.shape[1:2]
     log_R0 = torch.full((n, i), -math.log(o), device=device)
-    votes = backend.from_factors(factors)
+    votes = make(factors)
     result = route(votes, a_in.to(device), beta_u.to(device), beta_a.to(device), log_R0, RoutingSettings(**settings))
     return result.poses.cpu(), result.a_out.cpu()
 
@@ -258,7 +262,7 @@ def _child_index(layer_cls_args, n, t, h, w, route_calls):
     read from the votes of an identity-weight copy of the layer fed with self-describing poses (so the test
     does not depend on the layer's internal child order). -> (N', I) int64."""
     in_types, out_types, kernel, stride = layer_cls_args
-    probe = ConvCaps(in_types, out_types, kernel, stride, RoutingSettings(1))
+    probe = ConvCaps(in_types, out_types, kernel, stride, RoutingSettings(1), routing_impl="torch")  # keeps V
     with torch.no_grad():
         probe.weight.copy_(torch.eye(4).expand_as(probe.weight))  # vote = M @ I = M
     probe(_code_poses(n, t, h, w), torch.full((n, t, h, w), 0.5))

@@ -20,11 +20,15 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import triton
 from torch.autograd import Function
-from triton.runtime.interpreter import InterpretedFunction
 
-from capsdist.model import fused_kernels as K
+try:
+    import triton
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from capsdist.model import fused_kernels as K
+except ImportError:  # a CPU build of torch comes without Triton: only the C kernels run (fused_cpu.py)
+    triton = None
 from capsdist.model.routing import (
     LOG_2PI,
     P,
@@ -78,7 +82,7 @@ class Launch(NamedTuple):
 
 def interpreter_enabled() -> bool:
     """True when Triton runs kernels in its interpreter (TRITON_INTERPRET=1 at import): CPU tensors work."""
-    return isinstance(K.moments_kernel, InterpretedFunction)
+    return triton is not None and isinstance(K.moments_kernel, InterpretedFunction)
 
 
 def _blocks() -> Blocks:
@@ -118,27 +122,22 @@ class EStepTerms(NamedTuple):
     b: torch.Tensor  # (N', O) (-1/2 sum_h log sigma_sq_h - P/2 log 2 pi) / T + log a_o
 
 
-class FusedMoments(Function):
-    """(M, W, offsets, mu, inv, b, c, a, shift) -> S0 (N', O), S1, S2 (N', O, 16).
+class TritonKernels:
+    """The three kernels of fused_kernels.py, launched by Triton (CUDA, or its interpreter on the CPU for tests), on
+    the tensors FusedMoments and FusedLSE hand them: float32, contiguous."""
 
-    log R_noi = c_ni (+ x_noi when mu is not None); Ra = exp(log R) a_ni;
-    S0 = sum_i Ra, S1 = sum_i Ra (V - shift), S2 = sum_i Ra (V - shift)^2.
-    """
-
-    @staticmethod
-    def forward(ctx, M, W, offsets, mu, inv, b, c, a, shift):
+    def moments(self, M, W, offsets, e, c, a, shift):
+        """-> S0 (N', O), S1, S2 (N', O, 16); e = (mu, inv, b) or None (no E-step terms)."""
         N, I, _ = M.shape
         O = W.shape[1]
-        has_e = mu is not None
         S0 = M.new_empty(N, O)
         S1, S2 = M.new_empty(N, O, P), M.new_empty(N, O, P)
-        launch = moments_launch(N, I, O, has_c=offsets is not None, has_e=has_e)
-        e = (mu, inv, b) if has_e else (shift, shift, shift)  # unused pointers when not has_e
+        launch = moments_launch(N, I, O, has_c=offsets is not None, has_e=e is not None)
         K.moments_kernel[launch.grid](
             M,
             W,
             offsets if offsets is not None else M,
-            *e,
+            *(e if e is not None else (shift, shift, shift)),  # unused pointers without E-step terms
             c,
             a,
             shift,
@@ -151,28 +150,10 @@ class FusedMoments(Function):
             **launch.constexprs,
             num_warps=launch.warps,
         )
-        ctx.save_for_backward(M, W, offsets, *e, c, a, shift)
-        ctx.has_e = has_e
         return S0, S1, S2
 
-    @staticmethod
-    def backward(ctx, gS0, gS1, gS2):
-        M, W, offsets, mu, inv, b, c, a, shift = ctx.saved_tensors
-        gS = (gS0.contiguous(), gS1.contiguous(), gS2.contiguous())
-        gM, gW, gmu, ginv, gb, gc, ga = _backward(
-            M, W, offsets, mu, inv, b, has_e=ctx.has_e, c=c, a=a, shift=shift, gS=gS
-        )
-        if not ctx.has_e:
-            gmu = ginv = gb = None
-        return gM, gW, None, gmu, ginv, gb, gc, ga, None
-
-
-class FusedLSE(Function):
-    """(M, W, offsets, mu, inv, b) -> L (N', I) = logsumexp over o of x_noi, and X (N', I) = the softmax-weighted
-    mean of x over o (no gradient; for the assignment entropy)."""
-
-    @staticmethod
-    def forward(ctx, M, W, offsets, mu, inv, b):
+    def lse(self, M, W, offsets, mu, inv, b):
+        """-> L, X (N', I)."""
         N, I, _ = M.shape
         O = W.shape[1]
         L, X = M.new_empty(N, I), M.new_empty(N, I)
@@ -192,58 +173,98 @@ class FusedLSE(Function):
             **launch.constexprs,
             num_warps=launch.warps,
         )
+        return L, X
+
+    def backward(self, M, W, offsets, mu, inv, b, *, has_e, c=None, a=None, shift=None, gS=None, L=None, gL=None):
+        """The gradients of moments (gS given) or of lse's L (gL given).
+        -> gM, gW, gmu, ginv, gb, gc, ga (gc, ga zero for lse)."""
+        N, I, _ = M.shape
+        O = W.shape[1]
+        lse = gL is not None
+        gM, gW = torch.zeros_like(M), torch.zeros_like(W)
+        gmu, ginv, gb = torch.zeros_like(mu), torch.zeros_like(inv), torch.zeros_like(b)
+        gc, ga = M.new_zeros(N, I), M.new_zeros(N, I)
+        launch = backward_launch(N, I, O, has_c=offsets is not None, has_e=has_e, lse=lse)
+
+        def given(x):  # a valid pointer for arguments the chosen mode never reads
+            return x if x is not None else M
+
+        K.backward_kernel[launch.grid](
+            M,
+            W,
+            given(offsets),
+            mu,
+            inv,
+            b,
+            given(c),
+            given(a),
+            given(shift),
+            given(L),
+            *(gS if not lse else (M, M, M)),
+            given(gL),
+            gM,
+            gW,
+            gmu,
+            ginv,
+            gb,
+            gc,
+            ga,
+            N,
+            I,
+            O,
+            **launch.constexprs,
+            num_warps=launch.warps,
+        )
+        return gM, gW, gmu, ginv, gb, gc, ga
+
+
+class FusedMoments(Function):
+    """(kernels, M, W, offsets, mu, inv, b, c, a, shift) -> S0 (N', O), S1, S2 (N', O, 16).
+
+    log R_noi = c_ni (+ x_noi when mu is not None); Ra = exp(log R) a_ni;
+    S0 = sum_i Ra, S1 = sum_i Ra (V - shift), S2 = sum_i Ra (V - shift)^2.
+    """
+
+    @staticmethod
+    def forward(ctx, kernels, M, W, offsets, mu, inv, b, c, a, shift):
+        has_e = mu is not None
+        e = (mu, inv, b) if has_e else (shift, shift, shift)  # placeholders the backward ignores without E-step terms
+        S0, S1, S2 = kernels.moments(M, W, offsets, e if has_e else None, c, a, shift)
+        ctx.save_for_backward(M, W, offsets, *e, c, a, shift)
+        ctx.has_e, ctx.kernels = has_e, kernels
+        return S0, S1, S2
+
+    @staticmethod
+    def backward(ctx, gS0, gS1, gS2):
+        M, W, offsets, mu, inv, b, c, a, shift = ctx.saved_tensors
+        gS = (gS0.contiguous(), gS1.contiguous(), gS2.contiguous())
+        gM, gW, gmu, ginv, gb, gc, ga = ctx.kernels.backward(
+            M, W, offsets, mu, inv, b, has_e=ctx.has_e, c=c, a=a, shift=shift, gS=gS
+        )
+        if not ctx.has_e:
+            gmu = ginv = gb = None
+        return None, gM, gW, None, gmu, ginv, gb, gc, ga, None
+
+
+class FusedLSE(Function):
+    """(kernels, M, W, offsets, mu, inv, b) -> L (N', I) = logsumexp over o of x_noi, and X (N', I) = the
+    softmax-weighted mean of x over o (no gradient; for the assignment entropy)."""
+
+    @staticmethod
+    def forward(ctx, kernels, M, W, offsets, mu, inv, b):
+        L, X = kernels.lse(M, W, offsets, mu, inv, b)
         ctx.save_for_backward(M, W, offsets, mu, inv, b, L)
+        ctx.kernels = kernels
         ctx.mark_non_differentiable(X)
         return L, X
 
     @staticmethod
     def backward(ctx, gL, _gX):
         M, W, offsets, mu, inv, b, L = ctx.saved_tensors
-        gM, gW, gmu, ginv, gb, _, _ = _backward(M, W, offsets, mu, inv, b, has_e=True, L=L, gL=gL.contiguous())
-        return gM, gW, None, gmu, ginv, gb
-
-
-def _backward(M, W, offsets, mu, inv, b, *, has_e, c=None, a=None, shift=None, gS=None, L=None, gL=None):
-    """Run backward_kernel for FusedMoments (gS given) or FusedLSE (gL given).
-    -> gM, gW, gmu, ginv, gb, gc, ga (gc, ga zero for FusedLSE)."""
-    N, I, _ = M.shape
-    O = W.shape[1]
-    lse = gL is not None
-    gM, gW = torch.zeros_like(M), torch.zeros_like(W)
-    gmu, ginv, gb = torch.zeros_like(mu), torch.zeros_like(inv), torch.zeros_like(b)
-    gc, ga = M.new_zeros(N, I), M.new_zeros(N, I)
-    launch = backward_launch(N, I, O, has_c=offsets is not None, has_e=has_e, lse=lse)
-
-    def given(x):  # a valid pointer for arguments the chosen mode never reads
-        return x if x is not None else M
-
-    K.backward_kernel[launch.grid](
-        M,
-        W,
-        given(offsets),
-        mu,
-        inv,
-        b,
-        given(c),
-        given(a),
-        given(shift),
-        given(L),
-        *(gS if not lse else (M, M, M)),
-        given(gL),
-        gM,
-        gW,
-        gmu,
-        ginv,
-        gb,
-        gc,
-        ga,
-        N,
-        I,
-        O,
-        **launch.constexprs,
-        num_warps=launch.warps,
-    )
-    return gM, gW, gmu, ginv, gb, gc, ga
+        gM, gW, gmu, ginv, gb, _, _ = ctx.kernels.backward(
+            M, W, offsets, mu, inv, b, has_e=True, L=L, gL=gL.contiguous()
+        )
+        return None, gM, gW, None, gmu, ginv, gb
 
 
 class FusedAssignments(NamedTuple):
@@ -255,16 +276,16 @@ class FusedAssignments(NamedTuple):
 
 class FusedVotes:
     """routing.Votes as their factors M (N', I, 16), W (I, O, 16), offsets (I, 16) or None (float32,
-    contiguous), for the Triton kernels; `normaliser` as routing.Normaliser."""
+    contiguous), for `kernels` (TritonKernels, or fused_cpu.CKernels); `normaliser` as routing.Normaliser."""
 
     dtype = torch.float32
 
-    def __init__(self, M: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor | None, normaliser: Normaliser):
-        self.M, self.W, self.offsets, self.normaliser = M, W, offsets, normaliser
+    def __init__(self, M: torch.Tensor, W: torch.Tensor, offsets: torch.Tensor | None, normaliser: Normaliser, kernels):
+        self.M, self.W, self.offsets, self.normaliser, self.kernels = M, W, offsets, normaliser, kernels
         self.children, self.parents = W.shape[:2]
 
     @classmethod
-    def from_factors(cls, factors: VoteFactors, normaliser: Normaliser = fully_connected) -> "FusedVotes":
+    def from_factors(cls, factors: VoteFactors, normaliser: Normaliser = fully_connected, *, kernels) -> "FusedVotes":
         """The kernels' layout of `factors`: one copy of M, W and offsets repeated over each group's children."""
         M, W, offsets = factors
         G, N, C, _ = M.shape
@@ -273,7 +294,7 @@ class FusedVotes:
         W = W.reshape(G, 1, O, P).expand(G, C, O, P).reshape(G * C, O, P)  # (I, O, 16)
         if offsets is not None:
             offsets = offsets.expand(G, C, P).reshape(G * C, P).float().contiguous()  # (I, 16)
-        return cls(M.float().contiguous(), W.float().contiguous(), offsets, normaliser)
+        return cls(M.float().contiguous(), W.float().contiguous(), offsets, normaliser, kernels)
 
     def centre(self, a_in: torch.Tensor) -> torch.Tensor:
         """The a_in-weighted mean vote (N', O, 16) without the votes: V is linear in M, so sum_i w_ni M_ni W_io is
@@ -298,7 +319,7 @@ class FusedVotes:
         """S0 (N', O), S1, S2 (N', O, P): sum_i Ra, sum_i Ra (V - origin), sum_i Ra (V - origin)^2."""
         terms, c = assignments
         e = terms or (None, None, None)
-        return FusedMoments.apply(self.M, self.W, self.offsets, *e, c, a_scaled.contiguous(), self.origin)
+        return FusedMoments.apply(self.kernels, self.M, self.W, self.offsets, *e, c, a_scaled.contiguous(), self.origin)
 
     def e_step(self, parents: Parents, temperature: float) -> tuple[FusedAssignments, torch.Tensor]:
         """log R_noi = x_noi - log_z_ni with x = log p / T + log a_j, kept as its terms, and its entropy (N', I)."""
@@ -308,6 +329,6 @@ class FusedVotes:
         # log a_j by logsigmoid: finite even where a_j underflows
         b = log_p0 / temperature + F.logsigmoid(logit)
         terms = EStepTerms((mu + self.origin).contiguous(), inv.contiguous(), b.contiguous())
-        L, X = FusedLSE.apply(self.M, self.W, self.offsets, *terms)  # (N', I) each
+        L, X = FusedLSE.apply(self.kernels, self.M, self.W, self.offsets, *terms)  # (N', I) each
         log_z = self.normaliser(L)  # (N', I), pitfall 3
         return FusedAssignments(terms, (-log_z).contiguous()), assignment_entropy(L, log_z, X)

@@ -13,7 +13,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
-from typing import Any
+import warnings
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -26,10 +27,30 @@ from capsdist.model.routing import P, RoutingResult, RoutingSettings, VoteFactor
 from capsdist.model.windows import WindowGrid
 
 # EM routing's vote backends (model.routing_impl): torch (materialised_votes.py: computes and keeps the votes),
-# triton (fused_votes.py: rebuilds them in registers; CUDA, or Triton's interpreter for tests); auto: torch until
-# tests/gpu/check.sh has passed on a GPU (configs/README.md), then AUTO_FUSED becomes True: triton on CUDA.
-ROUTING_IMPLS = ("auto", "torch", "triton")
+# triton and c (fused_votes.py: rebuild them in registers or caches; the kernels in Triton for CUDA, or Triton's
+# interpreter for tests, and in C for the CPU, fused_cpu.py). auto: c on the CPU, faster on every preset
+# (docs/benchmarks.md); on CUDA torch until tests/gpu/check.sh has passed on a GPU (configs/README.md), then
+# AUTO_FUSED becomes True: triton.
+ROUTING_IMPLS = ("auto", "torch", "triton", "c")
 AUTO_FUSED = False
+
+
+@functools.lru_cache(maxsize=1)
+def _c_kernels_unavailable() -> str | None:
+    """Why the C kernels (fused_cpu.py) cannot run here, or None: compiled at most once per process."""
+    from capsdist.model.fused_cpu import available
+
+    return available()
+
+
+def _c_kernels_here() -> bool:
+    """auto on the CPU: the C kernels where they compile; else torch, said once."""
+    reason = _c_kernels_unavailable()
+    if reason and not getattr(_c_kernels_here, "warned", False):
+        _c_kernels_here.warned = True
+        warnings.warn(f"EM routing on the CPU falls back to the slower torch path: {reason}", stacklevel=3)
+    return reason is None
+
 
 # 4x4 transforms, initialised as in Gritzman's code: a vote is about twice its pose in scale, which offsets the
 # shrinking of poses by routing's weighted means, so log sigma stays level with depth and class activations
@@ -94,17 +115,22 @@ class CapsuleLayer(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.routing}, routing_checkpoint={self.routing_checkpoint}, routing_impl={self.routing_impl}"
 
-    def uses_fused(self, device: torch.device) -> bool:
-        """Whether routing on `device` takes the fused votes (fused_votes.py) or the materialised ones.
+    def resolved_impl(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+        """The votes backend routing_impl picks for votes of `dtype` on `device`: "torch", "triton" or "c".
 
-        torch: never. auto: only when AUTO_FUSED (see ROUTING_IMPLS), on CUDA with Triton installed. triton:
-        always; on the CPU only under Triton's interpreter (TRITON_INTERPRET=1 before Triton is imported), for tests.
+        auto: torch for float64 (the fused kernels compute in float32); else c on the CPU where the C kernels compile
+        (else torch, with a warning) and torch.compile is not tracing (it cannot trace their calls), triton on CUDA
+        once AUTO_FUSED, else torch. triton: CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1 before Triton is
+        imported), for tests. c: the CPU only.
         """
-        if self.routing_impl == "torch":
-            return False
-        if self.routing_impl == "auto":
-            return AUTO_FUSED and device.type == "cuda" and importlib.util.find_spec("triton") is not None
-        if device.type != "cuda":
+        impl = self.routing_impl
+        if impl == "auto":
+            if routing_dtype(dtype) == torch.float64:
+                return "torch"
+            if device.type == "cpu":
+                return "c" if not torch.compiler.is_compiling() and _c_kernels_here() else "torch"
+            return "triton" if AUTO_FUSED and device.type == "cuda" and importlib.util.find_spec("triton") else "torch"
+        if impl == "triton" and device.type != "cuda":
             from capsdist.model.fused_votes import interpreter_enabled
 
             if not interpreter_enabled():
@@ -112,20 +138,31 @@ class CapsuleLayer(nn.Module):
                     "model.routing_impl: triton runs on CUDA devices (on the CPU only under TRITON_INTERPRET=1, "
                     "for tests); use auto or torch here"
                 )
-        return True
+        if impl == "c":
+            if device.type != "cpu":
+                raise ConfigError(f"model.routing_impl: c runs on the CPU, not {device.type}; use auto or torch")
+            reason = _c_kernels_unavailable()
+            if reason:
+                raise ConfigError(f"model.routing_impl: c cannot run here: {reason}")
+        return impl
 
-    def vote_backend(self, device: torch.device) -> Any:
-        """The votes backend class (routing.Votes) that routing_impl picks on `device`."""
-        if not self.uses_fused(device):
-            return MaterialisedVotes
-        from capsdist.model.fused_votes import FusedVotes  # imports Triton: only when the fused path runs
+    def vote_backend(self, device: torch.device, dtype: torch.dtype = torch.float32) -> Callable[..., Any]:
+        """from_factors(factors, normaliser) of the votes backend (routing.Votes) routing_impl picks (resolved_impl)."""
+        impl = self.resolved_impl(device, dtype)
+        if impl == "torch":
+            return MaterialisedVotes.from_factors
+        from capsdist.model import fused_votes  # imports Triton where it is installed: only when a fused path runs
 
-        return FusedVotes
+        if impl == "triton":
+            return functools.partial(fused_votes.FusedVotes.from_factors, kernels=fused_votes.TritonKernels())
+        from capsdist.model.fused_cpu import CKernels
+
+        return functools.partial(fused_votes.FusedVotes.from_factors, kernels=CKernels())
 
     def _route(self, factors: VoteFactors, a_in: torch.Tensor, log_R0: torch.Tensor, normaliser) -> RoutingResult:
         """The votes' factors, a_in and log_R0 (N', I), and the E-step normaliser (routing.Normaliser) ->
         RoutingResult, on the backend routing_impl picks."""
-        votes = self.vote_backend(factors.M.device).from_factors(factors, normaliser)
+        votes = self.vote_backend(factors.M.device, factors.M.dtype)(factors, normaliser)
         return route(votes, a_in, self.beta_u, self.beta_a, log_R0, self.routing)
 
     def _record(self, a_out: torch.Tensor, images: int, entropy_per_child: torch.Tensor) -> None:

@@ -112,7 +112,7 @@ def _timed(fn, steps: int, device: torch.device) -> float:
 def _routing_used(model: torch.nn.Module, device: torch.device) -> str | None:
     """The routing implementation model.routing_impl resolved to on `device` (None for a CNN baseline)."""
     layer = getattr(model, "conv_caps1", None)
-    return None if layer is None else ("triton" if layer.uses_fused(device) else "torch")
+    return None if layer is None else layer.resolved_impl(device)
 
 
 LEAVES_OUT = [
