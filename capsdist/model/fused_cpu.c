@@ -25,7 +25,7 @@ gives 0, where expf gives a denormal: denormal arithmetic is a hundred times slo
 below 1e-38 weighs nothing beside the others. */
 static inline __attribute__((always_inline)) float vexp(float x) {
     const float zero_below = x < -87.0f ? 0.0f : 1.0f;
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x; /* fminf and fmaxf would not vectorise (NaN rules) */
     const float k = rintf(x * 1.44269504088896341f);
     const float r = (x - k * 0.693359375f) + k * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -35,21 +35,20 @@ static inline __attribute__((always_inline)) float vexp(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    union {
-        int i;
-        float f;
-    } scale = {.i = ((int)k + 127) << 23};
-    return p * scale.f * zero_below;
+    const int bits = ((int)k + 127) << 23; /* 2^k, built in the exponent field */
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale * zero_below;
 }
 
 /* V (16, O): the votes of child i for every parent; m = M[n, i] (16), wt = Wt[i] (16, O), off = C[i] or NULL. */
 static inline __attribute__((always_inline)) void votes(const float *restrict m, const float *restrict wt, const float *restrict off, int O,
                   float *restrict V) {
-    for (int r = 0; r < 4; r++) {
-        const float m0 = m[4 * r], m1 = m[4 * r + 1], m2 = m[4 * r + 2], m3 = m[4 * r + 3];
-        for (int d = 0; d < 4; d++) {
-            const float *restrict w0 = wt + d * O, *restrict w1 = wt + (4 + d) * O;
-            const float *restrict w2 = wt + (8 + d) * O, *restrict w3 = wt + (12 + d) * O;
+    for (int d = 0; d < 4; d++) { /* W's four rows of column d, read once for the four rows of V */
+        const float *restrict w0 = wt + d * O, *restrict w1 = wt + (4 + d) * O;
+        const float *restrict w2 = wt + (8 + d) * O, *restrict w3 = wt + (12 + d) * O;
+        for (int r = 0; r < 4; r++) {
+            const float m0 = m[4 * r], m1 = m[4 * r + 1], m2 = m[4 * r + 2], m3 = m[4 * r + 3];
             const float k = off ? off[4 * r + d] : 0.0f;
             float *restrict v = V + (4 * r + d) * O;
             for (int o = 0; o < O; o++) v[o] = k + m0 * w0[o] + m1 * w1[o] + m2 * w2[o] + m3 * w3[o];
@@ -74,7 +73,9 @@ static inline __attribute__((always_inline)) void logits(const float *restrict V
 static inline __attribute__((always_inline)) void moments(int n0, int n1, int I, int O, const float *M, const float *Wt, const float *C,
                       const float *mut, const float *invt, const float *b, const float *c, const float *a,
                       const float *shiftt, float *S0, float *S1t, float *S2t) {
-    float V[P * O], x[O], ra[O];
+    /* the buffers through restrict pointers: gcc does not vectorise loops that index a variable-length array */
+    float V_[P * O], x_[O], ra_[O];
+    float *restrict V = V_, *restrict x = x_, *restrict ra = ra_;
     const size_t PO = (size_t)P * O;
     for (int n = n0; n < n1; n++) {
         float *restrict s0 = S0 + (size_t)n * O, *restrict s1 = S1t + n * PO, *restrict s2 = S2t + n * PO;
@@ -108,7 +109,8 @@ static inline __attribute__((always_inline)) void moments(int n0, int n1, int I,
 
 static inline __attribute__((always_inline)) void lse(int n0, int n1, int I, int O, const float *M, const float *Wt, const float *C, const float *mut,
                   const float *invt, const float *b, float *L, float *X) {
-    float V[P * O], x[O];
+    float V_[P * O], x_[O];
+    float *restrict V = V_, *restrict x = x_;
     const size_t PO = (size_t)P * O;
     for (int n = n0; n < n1; n++) {
         for (int i = 0; i < I; i++) {
@@ -137,7 +139,9 @@ static inline __attribute__((always_inline)) void backward(int n0, int n1, int I
                        const float *shiftt, const float *L, const float *gS0, const float *gS1t, const float *gS2t,
                        const float *gL, float *gM, float *gWt, float *gmut, float *ginvt, float *gb, float *gc,
                        float *ga) {
-    float V[P * O], dV[P * O], x[O], gl[O], r[O], gra[O];
+    float V_[P * O], dV_[P * O], x_[O], gl_[O], r_[O], gra_[O], prod_[O];
+    float *restrict V = V_, *restrict dV = dV_, *restrict x = x_, *restrict gl = gl_, *restrict r = r_, *restrict gra = gra_;
+    float *restrict prod = prod_;
     const size_t PO = (size_t)P * O;
     for (int n = n0; n < n1; n++) {
         const float *restrict mu = has_e ? mut + n * PO : NULL, *restrict inv = has_e ? invt + n * PO : NULL;
@@ -156,11 +160,14 @@ static inline __attribute__((always_inline)) void backward(int n0, int n1, int I
                     r[o] = vexp(c[ni] + (has_e ? x[o] : 0.0f));
                     gra[o] = gs0[o];
                 }
-                for (int h = 0; h < P; h++)
+                for (int h = 0; h < P; h++) { /* row pointers: gcc does not vectorise V[h * O + o] here */
+                    const float *restrict v = V + h * O, *restrict sh = shift + h * O;
+                    const float *restrict g1 = gs1 + h * O, *restrict g2 = gs2 + h * O;
                     for (int o = 0; o < O; o++) {
-                        const float D = V[h * O + o] - shift[h * O + o];
-                        gra[o] += (gs1[h * O + o] + gs2[h * O + o] * D) * D;
+                        const float D = v[o] - sh[o];
+                        gra[o] += (g1[o] + g2[o] * D) * D;
                     }
+                }
                 float sum_gl = 0.0f, sum_gr = 0.0f;
                 for (int o = 0; o < O; o++) {
                     sum_gr += gra[o] * r[o];
@@ -178,31 +185,36 @@ static inline __attribute__((always_inline)) void backward(int n0, int n1, int I
             if (lse) {
                 for (int k = 0; k < P * O; k++) dV[k] = 0.0f;
             } else {
-                for (int h = 0; h < P; h++)
-                    for (int o = 0; o < O; o++) {
-                        const int k = h * O + o;
-                        dV[k] = r[o] * (gs1[k] + 2.0f * gs2[k] * (V[k] - shift[k]));
-                    }
+                for (int h = 0; h < P; h++) {
+                    const float *restrict v = V + h * O, *restrict sh = shift + h * O;
+                    const float *restrict g1 = gs1 + h * O, *restrict g2 = gs2 + h * O;
+                    float *restrict dv = dV + h * O;
+                    for (int o = 0; o < O; o++) dv[o] = r[o] * (g1[o] + 2.0f * g2[o] * (v[o] - sh[o]));
+                }
             }
             if (has_e) {
-                for (int h = 0; h < P; h++)
+                for (int h = 0; h < P; h++) {
+                    const float *restrict v = V + h * O, *restrict m_ = mu + h * O, *restrict iv = inv + h * O;
+                    float *restrict gm_ = gmu + h * O, *restrict gi = ginv + h * O, *restrict dv = dV + h * O;
                     for (int o = 0; o < O; o++) {
-                        const int k = h * O + o;
-                        const float dm = V[k] - mu[k], t = gl[o] * dm * inv[k];
-                        gmu[k] += t;
-                        ginv[k] -= 0.5f * gl[o] * dm * dm;
-                        dV[k] -= t;
+                        const float dm = v[o] - m_[o], t = gl[o] * dm * iv[o];
+                        gm_[o] += t;
+                        gi[o] -= 0.5f * gl[o] * dm * dm;
+                        dv[o] -= t;
                     }
+                }
             }
             /* V = M W: gM[r][c] = sum_{o,d} dV[4r+d][o] W[c][d][o], gW[c][d][o] += sum_r M[r][c] dV[4r+d][o] */
             float *restrict gm = gM + ni * P, *restrict gw = gWt + (size_t)i * PO;
             for (int r4 = 0; r4 < 4; r4++)
-                for (int cc = 0; cc < 4; cc++) {
+                for (int cc = 0; cc < 4; cc++) { /* products over the parents first, then one sum: vectorises */
+                    const float *restrict d0 = dV + (4 * r4) * O, *restrict d1 = dV + (4 * r4 + 1) * O;
+                    const float *restrict d2 = dV + (4 * r4 + 2) * O, *restrict d3 = dV + (4 * r4 + 3) * O;
+                    const float *restrict w0 = wt + (4 * cc) * O, *restrict w1 = wt + (4 * cc + 1) * O;
+                    const float *restrict w2 = wt + (4 * cc + 2) * O, *restrict w3 = wt + (4 * cc + 3) * O;
+                    for (int o = 0; o < O; o++) prod[o] = d0[o] * w0[o] + d1[o] * w1[o] + d2[o] * w2[o] + d3[o] * w3[o];
                     float s = 0.0f;
-                    for (int d = 0; d < 4; d++) {
-                        const float *restrict dv = dV + (4 * r4 + d) * O, *restrict w = wt + (4 * cc + d) * O;
-                        for (int o = 0; o < O; o++) s += dv[o] * w[o];
-                    }
+                    for (int o = 0; o < O; o++) s += prod[o];
                     gm[4 * r4 + cc] = s;
                 }
             for (int cc = 0; cc < 4; cc++)
