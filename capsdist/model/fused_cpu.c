@@ -18,12 +18,13 @@ Index letters and formulas: fused_kernels.py. */
 #include <string.h>
 
 #define P 16
+#define INLINE static inline __attribute__((always_inline)) /* so that each specialisation sees O */
 
 /* exp(x) within 2 ulp of expf for x in [-87, 88] (Cephes' polynomial after the range reduction x = k ln 2 + r),
 written so that the compiler vectorises the loops that call it (expf would be a call per element). Below -87 it
 gives 0, where expf gives a denormal: denormal arithmetic is a hundred times slower on x86, and an assignment
 below 1e-38 weighs nothing beside the others. */
-static inline __attribute__((always_inline)) float vexp(float x) {
+INLINE float vexp(float x) {
     const float zero_below = x < -87.0f ? 0.0f : 1.0f;
     x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x; /* fminf and fmaxf would not vectorise (NaN rules) */
     const float k = rintf(x * 1.44269504088896341f);
@@ -42,7 +43,7 @@ static inline __attribute__((always_inline)) float vexp(float x) {
 }
 
 /* V (16, O): the votes of child i for every parent; m = M[n, i] (16), wt = Wt[i] (16, O), off = C[i] or NULL. */
-static inline __attribute__((always_inline)) void votes(const float *restrict m, const float *restrict wt, const float *restrict off, int O,
+INLINE void votes(const float *restrict m, const float *restrict wt, const float *restrict off, int O,
                   float *restrict V) {
     for (int d = 0; d < 4; d++) { /* W's four rows of column d, read once for the four rows of V */
         const float *restrict w0 = wt + d * O, *restrict w1 = wt + (4 + d) * O;
@@ -57,7 +58,7 @@ static inline __attribute__((always_inline)) void votes(const float *restrict m,
 }
 
 /* x (O): the E-step logits b - 1/2 sum_h (V - mu)^2 inv; mut, invt (16, O) and b (O) of one problem. */
-static inline __attribute__((always_inline)) void logits(const float *restrict V, const float *restrict mut, const float *restrict invt,
+INLINE void logits(const float *restrict V, const float *restrict mut, const float *restrict invt,
                    const float *restrict b, int O, float *restrict x) {
     for (int o = 0; o < O; o++) x[o] = 0.0f;
     for (int h = 0; h < P; h++) {
@@ -70,9 +71,9 @@ static inline __attribute__((always_inline)) void logits(const float *restrict V
     for (int o = 0; o < O; o++) x[o] = b[o] - 0.5f * x[o];
 }
 
-static inline __attribute__((always_inline)) void moments(int n0, int n1, int I, int O, const float *M, const float *Wt, const float *C,
-                      const float *mut, const float *invt, const float *b, const float *c, const float *a,
-                      const float *shiftt, float *S0, float *S1t, float *S2t) {
+INLINE void moments(int n0, int n1, int I, int O, const float *M, const float *Wt, const float *C, const float *mut,
+                    const float *invt, const float *b, const float *c, const float *a, const float *shiftt, float *S0,
+                    float *S1t, float *S2t) {
     /* the buffers through restrict pointers: gcc does not vectorise loops that index a variable-length array */
     float V_[P * O], x_[O], ra_[O];
     float *restrict V = V_, *restrict x = x_, *restrict ra = ra_;
@@ -107,8 +108,8 @@ static inline __attribute__((always_inline)) void moments(int n0, int n1, int I,
     }
 }
 
-static inline __attribute__((always_inline)) void lse(int n0, int n1, int I, int O, const float *M, const float *Wt, const float *C, const float *mut,
-                  const float *invt, const float *b, float *L, float *X) {
+INLINE void lse(int n0, int n1, int I, int O, const float *M, const float *Wt, const float *C, const float *mut,
+                const float *invt, const float *b, float *L, float *X) {
     float V_[P * O], x_[O];
     float *restrict V = V_, *restrict x = x_;
     const size_t PO = (size_t)P * O;
@@ -131,17 +132,17 @@ static inline __attribute__((always_inline)) void lse(int n0, int n1, int I, int
     }
 }
 
-/* The gradients of capsdist_moments (lse 0) or of capsdist_lse's L (lse 1; then mut is not NULL), as
+/* The gradients of moments (lse 0; with E-step terms when has_e) or of lse's L (lse 1, has_e 1), as
 fused_kernels.backward_kernel: gM, gmut, ginvt, gb, gc, ga of the problems [n0, n1) are written (gmut, ginvt, gb,
 gc, ga zeroed by the caller); gWt is added to. Unused inputs may be NULL. */
-static inline __attribute__((always_inline)) void backward(int n0, int n1, int I, int O, int lse, int has_e, const float *M, const float *Wt, const float *C,
-                       const float *mut, const float *invt, const float *b, const float *c, const float *a,
-                       const float *shiftt, const float *L, const float *gS0, const float *gS1t, const float *gS2t,
-                       const float *gL, float *gM, float *gWt, float *gmut, float *ginvt, float *gb, float *gc,
-                       float *ga) {
+INLINE void backward(int n0, int n1, int I, int O, int lse, int has_e, const float *M, const float *Wt, const float *C,
+                     const float *mut, const float *invt, const float *b, const float *c, const float *a,
+                     const float *shiftt, const float *L, const float *gS0, const float *gS1t, const float *gS2t,
+                     const float *gL, float *gM, float *gWt, float *gmut, float *ginvt, float *gb, float *gc,
+                     float *ga) {
     float V_[P * O], dV_[P * O], x_[O], gl_[O], r_[O], gra_[O], prod_[O];
-    float *restrict V = V_, *restrict dV = dV_, *restrict x = x_, *restrict gl = gl_, *restrict r = r_, *restrict gra = gra_;
-    float *restrict prod = prod_;
+    float *restrict V = V_, *restrict dV = dV_, *restrict x = x_, *restrict gl = gl_, *restrict r = r_;
+    float *restrict gra = gra_, *restrict prod = prod_;
     const size_t PO = (size_t)P * O;
     for (int n = n0; n < n1; n++) {
         const float *restrict mu = has_e ? mut + n * PO : NULL, *restrict inv = has_e ? invt + n * PO : NULL;
