@@ -2,7 +2,6 @@
 Where there is no CUDA device, Triton's interpreter (set before capsdist imports Triton): the fused routing
 kernels' tests then run on the CPU, on small shapes."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from capsdist.model import fused_cpu
+from backends import needs_c_compiler, needs_triton
 from train_helpers import TEST, TRAIN, write_tiny_config
 
 if not torch.cuda.is_available():
@@ -98,12 +97,8 @@ def route_calls(monkeypatch) -> list[dict]:
 @pytest.fixture(
     params=[
         "torch",
-        pytest.param(
-            "triton", marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
-        ),
-        pytest.param(
-            "c", marks=pytest.mark.skipif(fused_cpu.compiler() is None, reason="no C compiler for the C kernels")
-        ),
+        pytest.param("triton", marks=needs_triton),
+        pytest.param("c", marks=needs_c_compiler),
     ]
 )
 def routing_impl(request) -> str:

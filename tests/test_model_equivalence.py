@@ -16,12 +16,12 @@ TRITON_INTERPRET=1 when there is no CUDA device), and the fused C kernels (`c`, 
 from __future__ import annotations
 
 import copy
-import importlib.util
 
 import pytest
 import torch
 
-from capsdist.model import em_routing, fused_cpu
+from backends import needs_c_compiler, needs_triton
+from capsdist.model import em_routing
 from capsdist.model.layers import ClassCaps, ConvCaps
 from capsdist.model.materialised_votes import materialise
 from capsdist.model.routing import RoutingSettings
@@ -39,11 +39,9 @@ IMPLS = [  # (votes backend by model.routing_impl, dtype)
         "triton",
         torch.float32,
         id="triton-f32",
-        marks=pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton"),
+        marks=needs_triton,
     ),
-    pytest.param(
-        "c", torch.float32, id="c-f32", marks=pytest.mark.skipif(fused_cpu.compiler() is None, reason="no C compiler")
-    ),
+    pytest.param("c", torch.float32, id="c-f32", marks=needs_c_compiler),
 ]
 
 

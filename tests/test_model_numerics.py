@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from capsdist.model import CapsNet, em_routing, fused_cpu
+from backends import needs_c_compiler
+from capsdist.model import CapsNet, em_routing
 from capsdist.model.layers import ClassCaps, ConvCaps
 from capsdist.model.routing import RoutingSettings
 
@@ -171,7 +172,7 @@ def test_bfloat16_autocast_forward_backward(route_calls):
     torch.testing.assert_close(acts.detach(), ref, rtol=0, atol=0.1)
 
 
-@pytest.mark.skipif(fused_cpu.compiler() is None, reason="no C compiler")
+@needs_c_compiler
 def test_bfloat16_autocast_with_the_c_kernels_routes_float32_factors():
     """auto on the CPU: the C kernels take the bfloat16 vote factors as float32 and train in float32."""
     torch.manual_seed(0)
