@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from backends import needs_c_compiler  # noqa: E402
 from capsdist.config import load_config  # noqa: E402
 from capsdist.core.errors import ConfigError  # noqa: E402
 from capsdist.model.loss import spread_loss  # noqa: E402
@@ -73,10 +74,7 @@ def test_tile_sizes_do_not_change_results(monkeypatch, moments, backward):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-needs_cc = pytest.mark.skipif(fused_cpu.compiler() is None, reason="no C compiler")
-
-
-@needs_cc
+@needs_c_compiler
 @pytest.mark.parametrize("O", [5, 16, 32], ids=["O5-general", "O16-small", "O32-full"])
 def test_c_kernels_match_the_triton_kernels(O):
     """Every parent count the C code is compiled for (16, 32) and the general code: the same routing outputs and
@@ -87,7 +85,7 @@ def test_c_kernels_match_the_triton_kernels(O):
         torch.testing.assert_close(c, t.cpu(), rtol=1e-4, atol=1e-5 * max(1.0, t.abs().max().item()))
 
 
-@needs_cc
+@needs_c_compiler
 def test_c_kernels_give_the_same_bits_on_any_thread_count(monkeypatch):
     """The problems go in fixed chunks, so the CPU share's thread changes cannot change a run (exact resume)."""
     monkeypatch.setattr(fused_cpu, "CHUNKS", 4)
@@ -101,7 +99,7 @@ def test_c_kernels_give_the_same_bits_on_any_thread_count(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(runs[0], other))
 
 
-FUSED_IMPLS = ["triton", pytest.param("c", marks=needs_cc)]
+FUSED_IMPLS = ["triton", pytest.param("c", marks=needs_c_compiler)]
 
 
 @pytest.mark.parametrize("impl", FUSED_IMPLS)
@@ -185,7 +183,7 @@ def test_auto_is_c_on_the_cpu_torch_on_cuda_until_the_gpu_check_passes(monkeypat
 
 def test_without_a_compiler_auto_falls_back_to_torch_with_a_warning_and_c_says_why(monkeypatch):
     monkeypatch.setattr(layers, "_c_kernels_unavailable", lambda: "no C compiler found (set CC or install gcc)")
-    monkeypatch.delattr(layers._c_kernels_here, "warned", raising=False)
+    layers._warn_c_fallback.cache_clear()
     layer = ConvCaps(2, 3, kernel=3, stride=1, routing=RoutingSettings())
     with pytest.warns(UserWarning, match="falls back to the slower torch path: no C compiler"):
         assert layer.resolved_impl(torch.device("cpu")) == "torch"
@@ -207,7 +205,7 @@ def test_routing_impl_config_reaches_every_capsule_layer(tmp_path):
         load_config(path, ["model.routing_impl=cuda"])
 
 
-@needs_cc
+@needs_c_compiler
 def test_the_c_kernels_compile_once_into_the_cache_and_a_failing_compiler_says_why(tmp_path, monkeypatch):
     cache = tmp_path / "kernels"
     monkeypatch.setenv("CAPSDIST_KERNEL_CACHE", str(cache))

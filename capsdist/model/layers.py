@@ -43,12 +43,17 @@ def _c_kernels_unavailable() -> str | None:
     return available()
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_c_fallback(reason: str) -> None:
+    """auto on the CPU without the C kernels: said once per reason (the cache remembers it was said)."""
+    warnings.warn(f"EM routing on the CPU falls back to the slower torch path: {reason}", stacklevel=4)
+
+
 def _c_kernels_here() -> bool:
-    """auto on the CPU: the C kernels where they compile; else torch, said once."""
+    """auto on the CPU: the C kernels where they compile; else torch, with a warning."""
     reason = _c_kernels_unavailable()
-    if reason and not getattr(_c_kernels_here, "warned", False):
-        _c_kernels_here.warned = True
-        warnings.warn(f"EM routing on the CPU falls back to the slower torch path: {reason}", stacklevel=3)
+    if reason:
+        _warn_c_fallback(reason)
     return reason is None
 
 
@@ -120,8 +125,8 @@ class CapsuleLayer(nn.Module):
 
         auto: torch for float64 (the fused kernels compute in float32); else c on the CPU where the C kernels compile
         (else torch, with a warning) and torch.compile is not tracing (it cannot trace their calls), triton on CUDA
-        once AUTO_FUSED, else torch. triton: CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1 before Triton is
-        imported), for tests. c: the CPU only.
+        once AUTO_FUSED, else torch. triton: CUDA, or the CPU under Triton's interpreter (TRITON_INTERPRET=1 before
+        Triton is imported), for tests. c: the CPU only.
         """
         impl = self.routing_impl
         if impl == "auto":
