@@ -149,6 +149,7 @@ class Tracker:
         self.wandb = wandb_enabled
         self.path = run_dir / "metrics.jsonl"
         self._file = None
+        self._finished = False
         if accelerator.is_main_process:
             with writing(self.path):
                 self._file = open(self.path, "a")
@@ -195,15 +196,18 @@ class Tracker:
             self._file.flush()
 
     def finish(self) -> None:
-        """Close metrics.jsonl, end the Accelerate run (W&B, if on, and the process group: a gloo/NCCL group
-        left to interpreter exit can abort the process), and print the sync command of an offline W&B run."""
-        if self._file is None:
+        """On every rank, end the Accelerate run (W&B, if on, and the process group: a gloo/NCCL group left to
+        interpreter exit can abort the process); on rank 0, close metrics.jsonl and print the sync command of an
+        offline W&B run. Once: a second call does nothing."""
+        if self._finished:
             return
-        self._file.close()
-        self._file = None
+        self._finished = True
         offline_dir = None
-        if self.wandb and os.environ.get("WANDB_MODE") == "offline":
-            offline_dir = Path(self.accelerator.get_tracker("wandb", unwrap=True).dir).parent
+        if self._file is not None:  # rank 0; every rank ends its process group below
+            self._file.close()
+            self._file = None
+            if self.wandb and os.environ.get("WANDB_MODE") == "offline":
+                offline_dir = Path(self.accelerator.get_tracker("wandb", unwrap=True).dir).parent
         self.accelerator.end_training()
         if offline_dir is not None:
             print(sync_message(offline_dir))
