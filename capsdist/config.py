@@ -57,7 +57,7 @@ class ModelConfig:
     stem_norm: bool = False  # BatchNorm after each stem convolution, before its ReLU (the paper: none)
     stem_pool: bool = False  # the first convolution at stride 1, then 2x2 max-pooling (the paper: stride 2)
     routing_checkpoint: bool = False  # route images in chunks, recompute in backward: less memory
-    routing_impl: Literal[ROUTING_IMPLS] = "auto"  # torch (the reference) | triton (fused, CUDA) | auto: torch for now
+    routing_impl: Literal[ROUTING_IMPLS] = "auto"  # torch (reference) | triton (CUDA) | c (CPU) | auto (layers.py)
 
 
 @dataclass
